@@ -1,0 +1,63 @@
+"""Lightning attention entry point: picks a backend once per call site.
+
+    o, final_state = lightning_attention(q, k, v, slopes, initial_state=None,
+                                         output_final_state=False, cu_seqlens=None, backend="auto")
+
+q, k, v: [B, T, H, D]; slopes: [H] (decay per step exp(-slope)); states: [N, H, D, D] fp32 with
+N = B, or N = number of sequences when `cu_seqlens` packs variable-length sequences into B = 1
+(FlashAttention style: cu_seqlens = [0, len_0, len_0 + len_1, ...], int32/int64).
+backend: "reference" (pure PyTorch, ops/lightning_ref.py) or "auto".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_step
+
+BACKENDS = ("auto", "reference")
+REFERENCE_BLOCK = 256
+
+
+def _check_varlen(q: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {q.shape[0]}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1] or any(
+            b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[1]}: got {bounds}")
+    return bounds
+
+
+def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                        initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                        cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
+                        block_size: int = REFERENCE_BLOCK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """block_size only shapes the reference computation (every block size gives the same result)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
+    if cu_seqlens is None:
+        o, state = lightning_blockwise(q, k, v, slopes, initial_state, block_size)
+        return o, (state if output_final_state else None)
+    bounds = _check_varlen(q, cu_seqlens)
+    n = len(bounds) - 1
+    if initial_state is not None and initial_state.shape[0] != n:
+        raise ValueError(f"initial_state has {initial_state.shape[0]} states for {n} sequences")
+    outs, states = [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        s0 = initial_state[i:i + 1] if initial_state is not None else None
+        o, s = lightning_blockwise(q[:, a:b], k[:, a:b], v[:, a:b], slopes, s0, block_size)
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+
+
+def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                     state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Advance a batch of states by one token, in place: q, k, v [B, H, D]; state [B, H, D, D] fp32.
+    Returns o [B, H, D]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
+    o, new_state = lightning_step(q, k, v, slopes, state)
+    state.copy_(new_state)
+    return o

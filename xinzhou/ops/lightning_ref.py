@@ -1,0 +1,112 @@
+"""Lightning attention, the definition, in three forms that must agree (pure PyTorch).
+
+MiniMax's lightning attention is linear attention with a per-head exponential decay:
+
+    S_t = lambda * S_{t-1} + k_t^T v_t        (S: [D, D] per head, fp32)
+    o_t = q_t S_t                             (no 1/sqrt(D) scale, no normaliser)
+
+with lambda_h = exp(-slope_h). Shapes (legend):
+    B batch, T tokens, H heads, D head dim, N sequences (states)
+    q, k, v: [B, T, H, D]; slopes: [H]; state: [B, H, D, D] fp32
+
+- `lightning_naive`: quadratic, o = ((q k^T) * decay mask) v, plus the initial state's contribution.
+- `lightning_blockwise`: MiniMax's block form; any block size gives the same result.
+- `lightning_recurrent`: one step per token (`lightning_step`), as in decoding.
+
+All compute in fp32 and return outputs in the input dtype and states in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _decay_powers(slopes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """lambda^e = exp(-slope * e) for every head and exponent: [H, len(e)]."""
+    return torch.exp(-slopes.float()[:, None] * exponents.float()[None, :])
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+           state: torch.Tensor | None) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, T, H, D] with equal B, T, H: got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, _, H, D = q.shape
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must be [H] = [{H}]: got {tuple(slopes.shape)}")
+    if state is not None and state.shape != (B, H, D, v.shape[-1]):
+        raise ValueError(f"state must be [B, H, D, Dv] = {[B, H, D, v.shape[-1]]}: got {list(state.shape)}")
+
+
+def lightning_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                    initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadratic form: o_t = sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s + lambda^(t+1) q_t S_0."""
+    _check(q, k, v, slopes, initial_state)
+    B, T, H, D = q.shape
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    idx = torch.arange(T, device=q.device)
+    diff = (idx[:, None] - idx[None, :]).float()  # t - s
+    mask = torch.exp(-slopes.float()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)  # [H, T, T]
+    o = ((qf @ kf.transpose(-1, -2)) * mask) @ vf  # [B, H, T, Dv]
+    decay_k = _decay_powers(slopes, T - 1 - idx)  # lambda^(T-1-s): [H, T]
+    state = (kf * decay_k[None, :, :, None]).transpose(-1, -2) @ vf  # [B, H, D, Dv]
+    if initial_state is not None:
+        s0 = initial_state.float()
+        o = o + (qf * _decay_powers(slopes, idx + 1)[None, :, :, None]) @ s0
+        state = state + _decay_powers(slopes, torch.tensor([T], device=q.device))[None, :, :, None] * s0
+    return o.transpose(1, 2).to(q.dtype), state
+
+
+def lightning_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                        initial_state: torch.Tensor | None = None,
+                        block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block form. Within a block of m tokens (local indices a, b):
+    O = (Q * lambda^(a+1)) S_prev + ((Q K^T) * M) V,  M_ab = lambda^(a-b) for a >= b,
+    S_new = lambda^m S_prev + (K * lambda^(m-1-b))^T V.
+    """
+    _check(q, k, v, slopes, initial_state)
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    state = (initial_state.float() if initial_state is not None
+             else torch.zeros(B, H, D, Dv, device=q.device, dtype=torch.float32))
+    outs = []
+    for start in range(0, T, block_size):
+        m = min(block_size, T - start)
+        qb, kb, vb = (x[:, :, start:start + m] for x in (qf, kf, vf))  # [B, H, m, D]
+        a = torch.arange(m, device=q.device)
+        diff = (a[:, None] - a[None, :]).float()
+        mask = torch.exp(-slopes.float()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)  # [H, m, m]
+        intra = ((qb @ kb.transpose(-1, -2)) * mask) @ vb
+        inter = (qb * _decay_powers(slopes, a + 1)[None, :, :, None]) @ state
+        outs.append(intra + inter)
+        k_decayed = kb * _decay_powers(slopes, m - 1 - a)[None, :, :, None]
+        block_decay = torch.exp(-slopes.float() * m)[None, :, None, None]
+        state = block_decay * state + k_decayed.transpose(-1, -2) @ vb
+    o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
+    return o.transpose(1, 2).to(q.dtype), state
+
+
+def lightning_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                   state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step for a batch of states: q, k, v [B, H, D], state [B, H, D, Dv] fp32.
+    Returns (o [B, H, Dv] in q's dtype, new state); the state argument is not modified."""
+    decay = torch.exp(-slopes.float())[None, :, None, None]
+    new_state = decay * state + k.float()[..., :, None] * v.float()[..., None, :]
+    o = (q.float()[..., None, :] @ new_state).squeeze(-2)
+    return o.to(q.dtype), new_state
+
+
+def lightning_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                        initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence: the form decoding uses."""
+    _check(q, k, v, slopes, initial_state)
+    B, T, H, D = q.shape
+    state = (initial_state.float() if initial_state is not None
+             else torch.zeros(B, H, D, v.shape[-1], device=q.device, dtype=torch.float32))
+    outs = []
+    for t in range(T):
+        o_t, state = lightning_step(q[:, t], k[:, t], v[:, t], slopes, state)
+        outs.append(o_t)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1])
+    return o, state

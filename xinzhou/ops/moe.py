@@ -1,0 +1,107 @@
+"""Mixture-of-Experts: routing and SwiGLU experts, as a reference loop and as a grouped-GEMM path.
+
+Legend: N tokens, C hidden, E experts, K experts per token, F expert width.
+    x: [N, C]; w13: [E, 2F, C] (w1 rows, then w3 rows); w2: [E, C, F]
+    expert e computes w2_e(silu(w1_e x) * w3_e x)
+
+Routers (both return fp32 weights [N, K] and indices [N, K]):
+- "softmax" (MiniMax-01/M1): softmax over E in fp32, top-K, renormalised to sum 1.
+- "sigmoid" (MiniMax-M2): sigmoid scores; the top-K is chosen on score + correction_bias (the bias
+  only steers the choice); weights are the chosen sigmoid scores, renormalised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(logits: torch.Tensor, k: int, kind: str,
+          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, E] -> (weights [N, K] fp32, indices [N, K], probs [N, E] fp32 for the balance loss)."""
+    logits = logits.float()
+    if kind == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+        weights, indices = torch.topk(probs, k, dim=-1)
+    elif kind == "sigmoid":
+        scores = torch.sigmoid(logits)
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+        indices = torch.topk(choice, k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"router kind {kind!r}: expected 'softmax' or 'sigmoid'")
+    return weights / weights.sum(dim=-1, keepdim=True), indices, probs
+
+
+def balance_stats(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert sums for the load-balancing loss: [2, E] = (routing slots sent to e, sum of P_e),
+    and the token count in a third row. Summing these over layers and dividing gives f_e and P_e
+    over all tokens of all layers. mask [N] (1 = real token) drops padding."""
+    m = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.float().reshape(-1)
+    counts = torch.zeros(num_experts, device=probs.device).index_add_(
+        0, indices.reshape(-1), m.repeat_interleave(indices.shape[1]))
+    prob_sum = (probs * m[:, None]).sum(0)
+    tokens = torch.full((num_experts,), 0.0, device=probs.device) + m.sum()
+    return torch.stack([counts, prob_sum, tokens])
+
+
+def balance_loss(stats: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss from summed `balance_stats`: E * sum_e f_e * P_e,
+    f_e = fraction of routing slots sent to e, P_e = mean router probability of e (1.0 when uniform)."""
+    counts, prob_sum, tokens = stats
+    n = tokens[0].clamp(min=1.0)
+    return counts.numel() * ((counts / (n * k)) * (prob_sum / n)).sum()
+
+
+def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ w13.t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2.t()
+
+
+def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                 indices: torch.Tensor) -> torch.Tensor:
+    """Reference: for each expert, gather its tokens, run the SwiGLU, scatter-add weighted outputs."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(indices == e)
+        if token.numel() == 0:
+            continue
+        y = _swiglu(x[token], w13[e], w2[e]) * weights[token, slot, None].to(x.dtype)
+        out = out.index_add(0, token, y)
+    return out
+
+
+def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    # torch's grouped_mm wants 16-byte aligned strides; fall back to a segment loop otherwise
+    if not hasattr(F, "grouped_mm"):
+        return False
+    return all(1 in t.stride() and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
+               for t in tensors)
+
+
+def _segment_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, a] rows grouped by expert (group e ends at offsets[e]) times w [E, a, b] -> [M, b]."""
+    if _grouped_mm_ok(x, w) and x.is_contiguous():
+        return F.grouped_mm(x, w, offs=offsets)
+    bounds = [0] + offsets.tolist()
+    return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+
+
+def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    indices: torch.Tensor) -> torch.Tensor:
+    """Grouped path: sort the N*K routing slots by expert, two grouped GEMMs, weighted scatter-add."""
+    N, K = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
+    token = order // K
+    counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # no host sync, unlike bincount
+    offsets = counts.cumsum(0).to(torch.int32)
+    xs = x[token]  # [N*K, C]
+    gate, up = _segment_mm(xs, w13.transpose(1, 2), offsets).chunk(2, dim=-1)  # [N*K, F] each
+    h = (F.silu(gate) * up).contiguous()
+    y = _segment_mm(h, w2.transpose(1, 2), offsets)  # [N*K, C]
+    y = y * weights.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, token, y)
