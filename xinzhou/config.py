@@ -91,12 +91,13 @@ class ModelConfig:
         return d
 
     def num_params(self, active: bool = False) -> int:
-        """Parameter count computed from the shapes (works for the real sizes without building them)."""
+        """Parameter count computed from the shapes (works for the real sizes without building them).
+        active=True: what one token uses (top-k experts), without embedding and LM head, as MiniMax counts."""
         h, d = self.hidden_size, self.head_dim
         hd, kvd = self.num_heads * d, self.num_kv_heads * d
         e = self.experts_per_token if active else self.num_experts
         moe = h * self.num_experts + e * 3 * h * self.expert_dim
-        total = self.vocab_size * h * (1 if self.tie_embeddings else 2) + h
+        total = h + (0 if active else self.vocab_size * h * (1 if self.tie_embeddings else 2))
         for t in self.layer_types:
             if t == "lightning":
                 attn = h * 3 * hd + h * hd + hd + hd * h
