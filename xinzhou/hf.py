@@ -316,10 +316,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
 
 # ----------------------------------------------------------------------------- save
 
-def _checkpoint_tensors(model: XinzhouLM) -> Iterator[tuple[str, torch.Tensor]]:
+def _checkpoint_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) in the original naming, experts split per expert."""
-    cfg = model.config
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
     for ckpt, ours in _plain_names(cfg).items():
         yield ckpt, state[ours]
     F = cfg.expert_dim
@@ -332,7 +330,7 @@ def _checkpoint_tensors(model: XinzhouLM) -> Iterator[tuple[str, torch.Tensor]]:
             yield p + "w3.weight", w13[e, F:]
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
+def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished tmp directory to path; an existing path is replaced only after tmp is complete."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -343,44 +341,52 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, max_shard_bytes: int = 4 << 30,
+             dtype: torch.dtype | None = None) -> None:
+    """Write config.json + safetensors shards (+ index when sharded) of a model state dict into the
+    directory out (use save_hf for an atomic write)."""
+    hf_cfg = config_to_hf(cfg)
+    out = Path(out)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in _checkpoint_tensors(state, cfg):
+        nbytes = t.numel() * (t.element_size() if dtype is None or name.endswith("bias") else dtype.itemsize)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, t in shard.items():
+            t = t.detach()
+            if dtype is not None and t.is_floating_point() and not name.endswith("bias"):
+                t = t.to(dtype)
+            tensors[name] = t.to("cpu").contiguous().clone()
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+        save_file(tensors, out / fname, metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    first = next(iter(state.values()))
+    hf_cfg["dtype"] = str(dtype or first.dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+
 def save_hf(model: XinzhouLM, path: str | os.PathLike, max_shard_bytes: int = 4 << 30,
             dtype: torch.dtype | None = None) -> Path:
-    """Write config.json + safetensors shards (+ index when sharded) into path, atomically:
-    everything goes to a temporary sibling directory first, then one rename."""
+    """Write the model as a Hugging Face checkpoint directory, atomically: everything goes to a
+    temporary sibling directory first, then one rename (an existing directory is replaced)."""
     path = Path(path)
-    hf_cfg = config_to_hf(model.config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in _checkpoint_tensors(model):
-            nbytes = t.numel() * (t.element_size() if dtype is None or name.endswith("bias") else dtype.itemsize)
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        weight_map, total = {}, 0
-        for n, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            out = {}
-            for name, t in shard.items():
-                t = t.detach()
-                if dtype is not None and t.is_floating_point() and not name.endswith("bias"):
-                    t = t.to(dtype)
-                out[name] = t.to("cpu").contiguous().clone()
-                weight_map[name] = fname
-                total += t.numel() * t.element_size()
-            save_file(out, tmp / fname, metadata={"format": "pt"})
-            del out
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        first = next(model.parameters())
-        hf_cfg["dtype"] = str(dtype or first.dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        _replace_dir(tmp, path)
+        write_hf(model.state_dict(), model.config, tmp, max_shard_bytes, dtype)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,243 @@
+"""Task families: determinism, train/test disjointness, verifiers on gold and on wrong answers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from xinzhou.tasks import (
+    FAMILIES, LEVELS, Parsed, Sample, conversation, generate, gold_parsed, pretrain_text, split_of, verify,
+)
+from xinzhou.tasks import arithmetic, countdown, retrieval, tools
+from xinzhou.tasks.common import user_text
+
+
+def answer_only(content: str) -> Parsed:
+    return Parsed(reasoning="", content=content, tool_calls=[])
+
+
+def call(name: str, arguments: object) -> Parsed:
+    return Parsed(tool_calls=[{"id": "call_0", "type": "function", "function": {"name": name, "arguments": arguments}}])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_deterministic(family: str) -> None:
+    a, b = generate(family, "train", 50, seed=3), generate(family, "train", 50, seed=3)
+    assert a == b
+    assert generate(family, "test", 20, seed=3) == generate(family, "test", 20, seed=3)
+    assert a != generate(family, "train", 50, seed=4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_train_test_disjoint(family: str) -> None:
+    train, test = generate(family, "train", 3000, seed=0), generate(family, "test", 400, seed=1)
+    train_keys, test_keys = {s.meta["key"] for s in train}, [s.meta["key"] for s in test]
+    assert train_keys.isdisjoint(test_keys)
+    assert len(set(test_keys)) == len(test_keys)  # an eval set of distinct problems
+    assert {user_text(s) for s in train}.isdisjoint(user_text(s) for s in test)
+    assert all(split_of(s.meta["key"]) == s.meta["split"] for s in train + test)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gold_target_verifies(family: str) -> None:
+    for s in generate(family, "train", 200, seed=0) + generate(family, "test", 100, seed=0):
+        assert s.family == family and s.level == FAMILIES[family].LEVEL
+        final = s.target[-1]
+        assert final["role"] == "assistant" and final["content"] == s.answer
+        assert verify(s, gold_parsed(final))
+        assert conversation(s)[: len(s.messages)] == s.messages
+
+
+def test_bad_arguments_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="split"):
+        generate("arithmetic", "dev", 1, seed=0)
+    with pytest.raises(ValueError, match="unknown task family"):
+        generate("chess", "train", 1, seed=0)
+    with pytest.raises(ValueError, match="distinct test problems"):
+        generate("arithmetic", "test", 100, seed=0, digits=1)
+
+
+def test_levels_generate_their_eval_sets() -> None:
+    assert sorted(LEVELS) == [1, 2, 3, 4, 5]
+    for lv in LEVELS.values():
+        samples = generate(lv.family, "test", lv.n, seed=0, **lv.params)
+        assert len(samples) == lv.n and all(s.level == lv.level for s in samples)
+        assert 0 < lv.threshold <= 1 and lv.metric in ("verify", "well_formed_call")
+
+
+# --- L1 / L2 / L5: exact answers ---------------------------------------------------------------
+
+def test_arithmetic_two_digit_and_off_by_one() -> None:
+    for s in generate("arithmetic", "test", 300, seed=0, digits=2):
+        a, op, b = s.meta["a"], s.meta["op"], s.meta["b"]
+        assert op == "+" and 10 <= a <= 99 and 10 <= b <= 99
+        assert s.messages == [{"role": "user", "content": f"{a}+{b}="}] and s.answer == str(a + b)
+        assert verify(s, answer_only(f" {a + b}\n"))
+        assert not verify(s, answer_only(str(a + b + 1))) and not verify(s, answer_only(str(a + b - 1)))
+        assert not verify(s, answer_only(f"{a + b}0"))
+    for s in generate("arithmetic", "train", 100, seed=0, digits=4, ops=("+", "-", "*")):
+        a, op, b = s.meta["a"], s.meta["op"], s.meta["b"]
+        assert 1000 <= a <= 9999 and 1000 <= b <= 9999 and int(s.answer) == arithmetic.OPS[op](a, b) >= 0
+
+
+def test_column_sums_scratchpad() -> None:
+    assert arithmetic.column_sums(47, 38) == "7+8=15\n4+3+1=8"
+    assert arithmetic.column_sums(97, 38) == "7+8=15\n9+3+1=13"
+    assert arithmetic.column_sums(12, 34) == "2+4=6\n1+3=4"
+
+
+def test_recall_rejects_wrong_word() -> None:
+    for s in generate("recall", "train", 200, seed=0):
+        prompt = user_text(s)
+        if s.meta["kind"] == "repeat":
+            assert s.answer == prompt.removeprefix("Repeat: ")
+            assert not verify(s, answer_only(" ".join(s.answer.split()[:-1])))
+        else:
+            wrong = next(w for w in ("apple", "river") if w != s.answer)
+            assert f"{prompt.splitlines()[1][0]}={s.answer}" in prompt
+            assert not verify(s, answer_only(wrong))
+
+
+def test_retrieval_fact_appears_once() -> None:
+    for length in (50, 200, 1000):
+        for s in generate("retrieval", "train", 30, seed=length, length=length, decoys=3):
+            prompt, name, code = user_text(s), s.meta["name"], s.meta["code"]
+            assert prompt.count(retrieval.fact(name, code)) == 1
+            assert prompt.count(str(code)) == 1 and prompt.count(f"code of {name} is") == 1
+            assert prompt.count("The code of") == 4 and prompt.endswith(f"\nWhat is the code of {name}?")
+            assert length <= len(prompt.split()) <= length + 50
+            assert verify(s, answer_only(str(code)))
+            assert not verify(s, answer_only(str(code + 1)))
+
+
+# --- L3: countdown -------------------------------------------------------------------------------
+
+def test_countdown_samples_and_search() -> None:
+    samples = generate("countdown", "train", 500, seed=0)
+    assert {s.meta["attempts"] for s in samples} == {0, 1, 2}
+    for s in samples:
+        nums, target = s.meta["numbers"], s.meta["target"]
+        assert len(nums) == 3 and 1 <= target <= 99
+        assert user_text(s) == f"Make {target} from {' '.join(map(str, nums))}"
+        lines = s.target[-1]["reasoning_content"].splitlines()
+        assert lines[-1] == f"{s.answer}={target} yes" and all(l.endswith(" no") for l in lines[:-1])
+        for line in lines[:-1]:  # each rejected attempt is shown with its true value
+            expr, value = line.removesuffix(" no").rsplit("=", 1)
+            assert countdown.evaluate(expr)[0] == int(value) != target
+
+
+def test_countdown_verifier() -> None:
+    s = Sample(messages=[], target=[], answer="(3+5)*4", level=3, family="countdown",
+               meta={"numbers": [3, 5, 4], "target": 32})
+    for good in ("(3+5)*4", "4*(5+3)", " (3 + 5) * 4 ", "(3+5)*4=32", "(5+3)*4"):
+        assert verify(s, answer_only(good)), good
+    for bad in ("(3+5)*5", "(3+6)*4", "(3+5)*4+0", "(3+5)*4*1", "3+5*4", "(3+5)*4=33", "32", "8*4",
+                "(3+5)*4*4/4", "", "(3+5)*", "-(3+5)*4", "(3+5)*4)", "__import__('os')"):
+        assert not verify(s, answer_only(bad)), bad
+
+
+def test_evaluate_values_and_errors() -> None:
+    assert countdown.evaluate("(3+5)*4") == (32, [3, 5, 4])
+    assert countdown.evaluate("2+3*4-1") == (13, [2, 3, 4, 1])
+    assert countdown.evaluate("((7))") == (7, [7])
+    for junk in ("", "1+", "(1", "1)", "1 2", "-1", "1/2", "2**3", "1e3", "x", "1" * 7, "(" * 300 + "1" + ")" * 300, "１+1"):
+        with pytest.raises(ValueError):
+            countdown.evaluate(junk)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("0123456789+-*() /x.\n")) | st.characters(), max_size=80))
+def test_evaluate_rejects_junk_without_crashing(text: str) -> None:
+    try:
+        value, used = countdown.evaluate(text)
+    except ValueError:
+        return
+    assert isinstance(value, int) and all(isinstance(x, int) for x in used)
+
+
+expr_tree = st.recursive(
+    st.integers(0, 999).map(lambda x: (str(x), x)),
+    lambda sub: st.tuples(sub, st.sampled_from("+-*"), sub).map(
+        lambda t: (f"({t[0][0]}){t[1]}({t[2][0]})",
+                   t[0][1] + t[2][1] if t[1] == "+" else t[0][1] - t[2][1] if t[1] == "-" else t[0][1] * t[2][1])),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(expr_tree)
+def test_evaluate_matches_tree(tree: tuple[str, int]) -> None:
+    text, value = tree
+    assert countdown.evaluate(text)[0] == value
+
+
+# --- L4: tools -------------------------------------------------------------------------------------
+
+def test_tool_samples_are_consistent() -> None:
+    for s in generate("tools", "test", 200, seed=0):
+        first, result, final = s.target
+        assert s.tools == tools.TOOLS and first["reasoning_content"] and final["reasoning_content"]
+        assert result["role"] == "tool" and result["tool_call_id"] == first["tool_calls"][0]["id"]
+        fn = first["tool_calls"][0]["function"]
+        assert tools.execute(fn["name"], fn["arguments"]) == result["content"] == s.answer
+        assert tools.well_formed_call(gold_parsed(first), s.tools) and tools.correct_call(gold_parsed(first), s)
+        assert tools.verify_answer(gold_parsed(final), s)
+        assert not tools.verify_answer(answer_only(str(int(s.answer) + 1)), s)
+        assert not tools.verify_answer(gold_parsed(first), s)  # the call turn is not an answer
+
+
+def test_tool_implementations() -> None:
+    assert tools.execute("calculator", {"a": 4821, "op": "*", "b": 37}) == "178377"
+    assert tools.execute("calculator", {"a": 5, "op": "-", "b": 9}) == "-4"
+    assert tools.execute("get_price", {"item": "apple", "quantity": 3}) == str(3 * tools.PRICES["apple"])
+    assert tools.execute("get_price", {"item": "unicorn", "quantity": 3}).startswith("error: unknown item")
+    assert tools.execute("rm", {}).startswith("error: unknown tool")
+    assert tools.execute("calculator", {"a": "1", "op": "+", "b": 2}).startswith("error: argument 'a'")
+    assert tools.execute("calculator", {"a": 10**13, "op": "*", "b": 2}).startswith("error")
+
+
+def test_well_formed_call_rejects_bad_calls() -> None:
+    offered = tools.TOOLS
+    assert tools.well_formed_call(call("calculator", {"a": 1, "op": "+", "b": 2}), offered)
+    assert tools.well_formed_call(call("calculator", '{"a": 1, "op": "+", "b": 2}'), offered)  # JSON string
+    assert tools.well_formed_call(call("get_price", {"item": "pen", "quantity": 2}), offered)
+    bad = [
+        call("calculate", {"a": 1, "op": "+", "b": 2}),  # wrong tool name
+        call("calculator", {"a": "1", "op": "+", "b": 2}),  # string for integer
+        call("calculator", {"a": 1.5, "op": "+", "b": 2}),  # float for integer
+        call("calculator", {"a": True, "op": "+", "b": 2}),  # bool is not an integer
+        call("calculator", {"a": 1, "op": "/", "b": 2}),  # not in enum
+        call("calculator", {"a": 1, "op": "+"}),  # missing required
+        call("calculator", {"a": 1, "op": "+", "b": 2, "c": 3}),  # unknown argument
+        call("get_price", {"item": 7, "quantity": 2}),
+        call("get_price", "not json"),
+        call("get_price", None),
+        Parsed(tool_calls=[]),
+        Parsed(tool_calls=[{"function": "calculator"}]),
+        Parsed(tool_calls=["calculator"]),
+    ]
+    for p in bad:
+        assert not tools.well_formed_call(p, offered), p
+    assert not tools.well_formed_call(call("get_price", {"item": "pen", "quantity": 2}), offered[:1])
+
+
+def test_correct_call_needs_right_tool_and_arguments() -> None:
+    s = next(x for x in generate("tools", "test", 50, seed=0) if x.meta["tool"] == "calculator")
+    args = s.meta["arguments"]
+    assert tools.correct_call(call("calculator", dict(args)), s)
+    assert not tools.correct_call(call("calculator", {**args, "a": args["a"] + 1}), s)
+    assert not tools.correct_call(call("calculator", {**args, "a": float(args["a"])}), s)
+    assert not tools.correct_call(call("get_price", {"item": "pen", "quantity": 2}), s)
+
+
+# --- pretraining text ---------------------------------------------------------------------------------
+
+def test_pretrain_text_deterministic_and_train_only() -> None:
+    docs = pretrain_text(seed=0, n=300)
+    assert docs == pretrain_text(seed=0, n=300) and docs != pretrain_text(seed=1, n=300)
+    assert len(docs) == 300 and all(isinstance(d, str) and d for d in docs)
+    sums = [m for d in docs if (m := re.fullmatch(r"(\d+)\+(\d+)=(\d+)", d))]
+    assert sums and all(split_of(f"{a}+{b}") == "train" and int(a) + int(b) == int(c) for a, b, c in (m.groups() for m in sums))
+    assert any(d.startswith("The ") and "code of" not in d for d in docs)  # plain filler text

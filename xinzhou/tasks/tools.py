@@ -1,0 +1,200 @@
+"""L4 tool use with interleaved thinking, in the OpenAI message shape chat_format renders as M2.
+
+A sample offers two tools, `calculator` (a op b on integers) and `get_price` (a catalog lookup
+times a quantity), and asks a question only the right tool can answer:
+
+    user       What is 4821*37?
+    assistant  thinking "Use calculator." + tool call calculator(a=4821, op="*", b=37)
+    tool       178377
+    assistant  thinking "The result is 178377." + content "178377"
+
+`execute` is the tools' real implementation (deterministic, no eval, errors returned as text the
+way agents feed them back). Three checks: `well_formed_call` (the speedrun metric: a call to an
+offered tool whose arguments match its JSON schema), `correct_call` (the right tool and
+arguments), and `verify_answer` (the final content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw
+
+FAMILY = "tools"
+LEVEL = 4
+ITEMS = (
+    "apple pen book cup lamp chair shirt shoe hat bag clock phone ball kite bike desk plate "
+    "spoon fork candle brush towel glove sock card map key rope bowl mug"
+).split()
+PRICES = {item: 1 + int.from_bytes(hashlib.sha256(item.encode()).digest()[:4], "big") % 20 for item in ITEMS}
+
+TOOLS: list[dict] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Compute a op b.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer"},
+                    "op": {"type": "string", "enum": ["+", "-", "*"]},
+                    "b": {"type": "integer"},
+                },
+                "required": ["a", "op", "b"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_price",
+            "description": "Total price of a quantity of an item.",
+            "parameters": {
+                "type": "object",
+                "properties": {"item": {"type": "string"}, "quantity": {"type": "integer"}},
+                "required": ["item", "quantity"],
+            },
+        },
+    },
+]
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "string": str, "integer": int, "number": (int, float), "boolean": bool,
+    "object": dict, "array": list, "null": type(None),
+}
+
+
+def argument_error(arguments: object, parameters: dict) -> str | None:
+    """Why `arguments` do not match the object schema `parameters`, or None when they do.
+
+    Checks required keys, unknown keys, each value's JSON type (a bool is not an integer) and enums.
+    """
+    if not isinstance(arguments, dict):
+        return f"arguments must be an object, got {type(arguments).__name__}"
+    props = parameters.get("properties", {})
+    missing = [k for k in parameters.get("required", []) if k not in arguments]
+    if missing:
+        return f"missing required argument(s) {missing}"
+    for key, value in arguments.items():
+        if key not in props:
+            return f"unknown argument {key!r}; expected one of {list(props)}"
+        spec = props[key]
+        want = spec.get("type")
+        if want is not None:
+            types = [want] if isinstance(want, str) else list(want)
+            if not any(
+                isinstance(value, _JSON_TYPES[t]) and not (isinstance(value, bool) and t in ("integer", "number"))
+                for t in types if t in _JSON_TYPES
+            ):
+                return f"argument {key!r} must be {want}, got {type(value).__name__} {value!r}"
+        if "enum" in spec and value not in spec["enum"]:
+            return f"argument {key!r} must be one of {spec['enum']}, got {value!r}"
+    return None
+
+
+def _function(call: object) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return fn if isinstance(fn, dict) else {}
+
+
+def _arguments(call: object) -> object:
+    args = _function(call).get("arguments")
+    if isinstance(args, str):  # OpenAI wire format carries arguments as a JSON string
+        try:
+            return json.loads(args)
+        except json.JSONDecodeError:
+            return args
+    return args
+
+
+def execute(name: str, arguments: object, tools: list[dict] | None = None) -> str:
+    """Run one tool call and return its result as text; a bad call returns "error: ..."."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools or TOOLS}
+    if name not in schemas:
+        return f"error: unknown tool {name!r}; available: {list(schemas)}"
+    if (err := argument_error(arguments, schemas[name])) is not None:
+        return f"error: {err}"
+    assert isinstance(arguments, dict)
+    if name == "calculator":
+        a, op, b = arguments["a"], arguments["op"], arguments["b"]
+        if max(abs(a), abs(b)) >= 10**12:  # keeps results small: this is a demo calculator
+            return "error: operands must be below 10**12"
+        return str(a + b if op == "+" else a - b if op == "-" else a * b)
+    if name == "get_price":
+        item = arguments["item"].strip().lower()
+        if item not in PRICES:
+            return f"error: unknown item {arguments['item']!r}"
+        return str(PRICES[item] * arguments["quantity"])
+    return f"error: tool {name!r} has no implementation"
+
+
+def generate(
+    split: str, n: int, seed: int, *, kinds: tuple[str, ...] = ("calculator", "get_price")
+) -> list[Sample]:
+    """`n` questions, each needing one call to a tool of `kinds`; both tools are always offered."""
+    if not kinds or any(k not in ("calculator", "get_price") for k in kinds):
+        raise ValueError(f"tools: kinds must be a non-empty subset of ('calculator', 'get_price'), got {kinds!r}")
+
+    def propose(rng: random.Random) -> tuple[str, tuple[str, dict]]:
+        if rng.choice(kinds) == "calculator":
+            args = {"a": rng.randint(100, 9999), "op": rng.choice("+-*"), "b": rng.randint(10, 999)}
+            return f"calculator:{args['a']}{args['op']}{args['b']}", ("calculator", args)
+        args = {"item": rng.choice(ITEMS), "quantity": rng.randint(2, 99)}
+        return f"get_price:{args['item']}:{args['quantity']}", ("get_price", args)
+
+    def build(p: tuple[str, dict], rng: random.Random) -> Sample:
+        name, args = p
+        if name == "calculator":
+            question = f"What is {args['a']}{args['op']}{args['b']}?"
+        else:
+            question = f"What do {args['quantity']} {args['item']}s cost?"
+        result = execute(name, args)
+        call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": args}}
+        return Sample(
+            messages=[{"role": "user", "content": question}],
+            target=[
+                assistant("", f"Use {name}.", [call]),
+                {"role": "tool", "tool_call_id": "call_0", "content": result},
+                assistant(result, f"The result is {result}."),
+            ],
+            answer=result,
+            level=LEVEL,
+            family=FAMILY,
+            tools=TOOLS,
+            meta={"tool": name, "arguments": args},
+        )
+
+    return draw(FAMILY, split, n, seed, propose, build)
+
+
+def well_formed_call(parsed: ParsedLike, tools: list[dict]) -> bool:
+    """At least one tool call, and every call names an offered tool with schema-valid arguments."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    calls = parsed.tool_calls or []
+    return bool(calls) and all(
+        _function(c).get("name") in schemas and argument_error(_arguments(c), schemas[_function(c)["name"]]) is None
+        for c in calls
+    )
+
+
+def correct_call(parsed: ParsedLike, sample: Sample) -> bool:
+    """Exactly one well-formed call, to the tool the question needs, with the gold arguments."""
+    calls = parsed.tool_calls or []
+    return (
+        len(calls) == 1
+        and well_formed_call(parsed, sample.tools or TOOLS)
+        and _function(calls[0]).get("name") == sample.meta["tool"]
+        and _arguments(calls[0]) == sample.meta["arguments"]
+    )
+
+
+def verify_answer(parsed: ParsedLike, sample: Sample) -> bool:
+    """The final assistant content is exactly the tool-derived answer."""
+    return parsed.content.strip() == sample.answer
+
+
+def verify(sample: Sample, parsed: ParsedLike) -> bool:
+    return verify_answer(parsed, sample)
