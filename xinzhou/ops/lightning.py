@@ -6,17 +6,44 @@
 q, k, v: [B, T, H, D]; slopes: [H] (decay per step exp(-slope)); states: [N, H, D, D] fp32 with
 N = B, or N = number of sequences when `cu_seqlens` packs variable-length sequences into B = 1
 (FlashAttention style: cu_seqlens = [0, len_0, len_0 + len_1, ...], int32/int64).
-backend: "reference" (pure PyTorch, ops/lightning_ref.py) or "auto".
+backend: "reference" (pure PyTorch, ops/lightning_ref.py), "triton" (ops/lightning_triton.py; on CPU
+tensors only under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors when triton imports, else
+reference). Triton is imported on first use, so CPU-only callers never load it.
 """
 
 from __future__ import annotations
+
+import functools
+from types import ModuleType
 
 import torch
 
 from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_step
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "triton", "reference")
 REFERENCE_BLOCK = 256
+
+
+@functools.cache
+def _triton_module() -> ModuleType | None:
+    try:
+        from xinzhou.ops import lightning_triton
+    except ImportError:
+        return None
+    return lightning_triton
+
+
+def _triton_backend(q: torch.Tensor, backend: str) -> ModuleType | None:
+    """The Triton module when this call should use it, else None (reference)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
+    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+        return None
+    module = _triton_module()
+    if backend == "triton" and module is None:
+        raise RuntimeError("backend='triton' but triton cannot be imported: install triton or use "
+                           "backend='reference'")
+    return module
 
 
 def _check_varlen(q: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
@@ -34,8 +61,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                         cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
                         block_size: int = REFERENCE_BLOCK) -> tuple[torch.Tensor, torch.Tensor | None]:
     """block_size only shapes the reference computation (every block size gives the same result)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
+    module = _triton_backend(q, backend)
+    if module is not None:  # validates cu_seqlens itself, with one host sync
+        return module.chunk_lightning_attention(q, k, v, slopes, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is None:
         o, state = lightning_blockwise(q, k, v, slopes, initial_state, block_size)
         return o, (state if output_final_state else None)
@@ -56,8 +84,9 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
                      state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Advance a batch of states by one token, in place: q, k, v [B, H, D]; state [B, H, D, D] fp32.
     Returns o [B, H, D]."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
+    module = _triton_backend(q, backend)
+    if module is not None:
+        return module.lightning_decode_triton(q, k, v, slopes, state)
     o, new_state = lightning_step(q, k, v, slopes, state)
     state.copy_(new_state)
     return o

@@ -1,0 +1,211 @@
+"""Triton lightning attention (ops/lightning_triton.py) against the pure-PyTorch definition.
+
+Runs on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1 (small shapes: the
+interpreter is slow). Every buffer the kernels fill is NaN-poisoned, so a missed write shows up.
+    python -m pytest tests/test_lightning_triton.py -q
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+
+from xinzhou.ops import lightning_triton  # noqa: E402
+from xinzhou.ops.lightning import lightning_attention, lightning_decode  # noqa: E402
+from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_naive, lightning_step  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_buffers(monkeypatch):
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(lightning_triton, "_empty", empty)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def slopes_for(H: int) -> torch.Tensor:
+    # MiniMax's ALiBi slopes span fast (0.5) to slow decay; the last one stresses lambda ~ 1
+    s = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)])
+    s[-1] = 1e-4
+    return s.to(DEVICE)
+
+
+def inputs(B: int, T: int, H: int, K: int, V: int, dtype=torch.float32, state: bool = True, N: int | None = None):
+    q, k, v = (torch.randn(B, T, H, d, device=DEVICE).to(dtype).requires_grad_() for d in (K, K, V))
+    s0 = torch.randn(N or B, H, K, V, device=DEVICE, requires_grad=True) if state else None
+    return q, k, v, s0
+
+
+def run_with_grads(fn, q, k, v, s0, do, dst):
+    """Outputs, final state and gradients of <o, do> + <state, dst> for q, k, v (and s0)."""
+    o, st = fn()
+    loss = (o.float() * do).sum() + (st * dst).sum()
+    leaves = [q, k, v] + ([s0] if s0 is not None else [])
+    return o, st, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("T", [1, 63, 100, 257])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference_fp32(T, with_state):
+    B, H, K, V = 2, 2, 32, 48
+    q, k, v, s0 = inputs(B, T, H, K, V, state=with_state)
+    slopes = slopes_for(H)
+    do, dst = torch.randn(B, T, H, V, device=DEVICE), torch.randn(B, H, K, V, device=DEVICE)
+    out = run_with_grads(lambda: lightning_attention(q, k, v, slopes, s0, True, backend="triton"), q, k, v, s0, do, dst)
+    for ref_fn in (lambda: lightning_naive(q, k, v, slopes, s0),
+                   lambda: lightning_attention(q, k, v, slopes, s0, True, backend="reference", block_size=32)):
+        ref = run_with_grads(ref_fn, q, k, v, s0, do, dst)
+        assert rel_err(out[0], ref[0]) < FP32_TOL
+        assert rel_err(out[1], ref[1]) < FP32_TOL
+        assert out[1].dtype == torch.float32
+        for name, g, g_ref in zip(("dq", "dk", "dv", "ds0"), out[2], ref[2]):
+            assert rel_err(g, g_ref) < FP32_TOL, name
+
+
+def test_output_only_and_final_state_only_gradients():
+    B, T, H, K = 3, 100, 2, 32  # B = 3: sequence 2 finds its chunk rows by multiplying, not adding
+    q, k, v, s0 = inputs(B, T, H, K, K)
+    slopes = slopes_for(H)
+    o, st = lightning_attention(q, k, v, slopes, s0, output_final_state=False, backend="triton")
+    assert st is None
+    o_ref, st_ref = lightning_naive(q, k, v, slopes, s0)
+    g = torch.autograd.grad(o.sum(), (q, k, v, s0))
+    g_ref = torch.autograd.grad(o_ref.sum(), (q, k, v, s0))
+    assert all(rel_err(a, b) < FP32_TOL for a, b in zip(g, g_ref))
+    _, st = lightning_attention(q, k, v, slopes, s0, output_final_state=True, backend="triton")
+    g = torch.autograd.grad(st.sum(), (k, v, s0))
+    g_ref = torch.autograd.grad(st_ref.sum(), (k, v, s0))
+    assert all(rel_err(a, b) < FP32_TOL for a, b in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("K,V", [(40, 24), (128, 128)])
+def test_head_dims(K, V):
+    B, T, H = 1, 70, 1
+    q, k, v, s0 = inputs(B, T, H, K, V)
+    slopes = torch.tensor([0.1], device=DEVICE)
+    do, dst = torch.randn(B, T, H, V, device=DEVICE), torch.randn(B, H, K, V, device=DEVICE)
+    out = run_with_grads(lambda: lightning_attention(q, k, v, slopes, s0, True, backend="triton"), q, k, v, s0, do, dst)
+    ref = run_with_grads(lambda: lightning_naive(q, k, v, slopes, s0), q, k, v, s0, do, dst)
+    for x, x_ref in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
+        assert rel_err(x, x_ref) < FP32_TOL
+
+
+def test_varlen_matches_separate_sequences():
+    lens = [1, 63, 0, 100, 257]
+    H, K, V = 2, 32, 32
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE, dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v, s0 = inputs(1, T, H, K, V, N=len(lens))
+    slopes = slopes_for(H)
+    do, dst = torch.randn(1, T, H, V, device=DEVICE), torch.randn(len(lens), H, K, V, device=DEVICE)
+    out = run_with_grads(lambda: lightning_attention(q, k, v, slopes, s0, True, cu_seqlens=cu, backend="triton"),
+                         q, k, v, s0, do, dst)
+
+    def separately():
+        outs, states = [], []
+        for i, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+            o, s = lightning_blockwise(q[:, a:b], k[:, a:b], v[:, a:b], slopes, s0[i:i + 1], block_size=64)
+            outs.append(o)
+            states.append(s)
+        return torch.cat(outs, 1), torch.cat(states)
+
+    for ref_fn in (separately,
+                   lambda: lightning_attention(q, k, v, slopes, s0, True, cu_seqlens=cu, backend="reference")):
+        ref = run_with_grads(ref_fn, q, k, v, s0, do, dst)
+        for x, x_ref in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
+            assert rel_err(x, x_ref) < FP32_TOL
+    # the empty sequence passes its state through, and its state gradient is the final one's
+    assert torch.equal(out[1][2], s0[2].detach())
+    assert torch.equal(out[2][3][2], dst[2])
+
+
+def test_varlen_without_initial_state():
+    lens = [5, 64, 65]
+    H, K = 2, 16
+    cu = torch.tensor([0, 5, 69, 134], device=DEVICE, dtype=torch.int64)
+    q, k, v, _ = inputs(1, sum(lens), H, K, K, state=False)
+    slopes = slopes_for(H)
+    o, st = lightning_attention(q, k, v, slopes, None, True, cu_seqlens=cu, backend="triton")
+    o_ref, st_ref = lightning_attention(q, k, v, slopes, None, True, cu_seqlens=cu, backend="reference")
+    assert rel_err(o, o_ref) < FP32_TOL and rel_err(st, st_ref) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    B, T, H, K = 1, 100, 2, 64
+    q, k, v, s0 = inputs(B, T, H, K, K, dtype=dtype)
+    slopes = slopes_for(H)
+    do, dst = torch.randn(B, T, H, K, device=DEVICE), torch.randn(B, H, K, K, device=DEVICE)
+    out = run_with_grads(lambda: lightning_attention(q, k, v, slopes, s0, True, backend="triton"), q, k, v, s0, do, dst)
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32
+    assert all(g.dtype == dtype for g in out[2][:3]) and out[2][3].dtype == torch.float32
+    # the reference computes in fp32 from the same rounded inputs
+    ref = run_with_grads(lambda: lightning_naive(q, k, v, slopes, s0), q, k, v, s0, do, dst)
+    for x, x_ref in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
+        assert rel_err(x, x_ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("K,V", [(32, 32), (40, 24)])
+def test_decode_matches_step(K, V):
+    B, H = 3, 2
+    slopes = slopes_for(H)
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    ref_state = state.clone()
+    for _ in range(3):
+        q, k = torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, K, device=DEVICE)
+        v = torch.randn(B, H, V, device=DEVICE)
+        o = lightning_decode(q, k, v, slopes, state, backend="triton")
+        o_ref, ref_state = lightning_step(q, k, v, slopes, ref_state)
+        assert rel_err(o, o_ref) < FP32_TOL
+        assert rel_err(state, ref_state) < FP32_TOL
+
+
+def test_decode_continues_prefill_bf16():
+    B, T, H, K = 2, 63, 2, 32
+    q, k, v, _ = inputs(B, T + 1, H, K, K, dtype=torch.bfloat16, state=False)
+    slopes = slopes_for(H)
+    with torch.no_grad():
+        _, state = lightning_attention(q[:, :T], k[:, :T], v[:, :T], slopes, output_final_state=True, backend="triton")
+        o = lightning_decode(q[:, T], k[:, T], v[:, T], slopes, state, backend="triton")
+        o_ref, st_ref = lightning_naive(q, k, v, slopes)
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, o_ref[:, T]) < BF16_TOL
+    assert rel_err(state, st_ref) < BF16_TOL
+
+
+def test_errors_name_the_problem():
+    q = torch.randn(1, 4, 1, 512, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        lightning_attention(q, q, q, torch.ones(1, device=DEVICE), backend="triton")
+    q = torch.randn(2, 4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="batch 1"):
+        lightning_attention(q, q, q, torch.ones(1, device=DEVICE), cu_seqlens=torch.tensor([0, 4]), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        lightning_attention(q, q, q, torch.ones(1, device=DEVICE), backend="cuda")
+    state = torch.zeros(2, 1, 16, 16, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        lightning_decode(q[:, 0], q[:, 0], q[:, 0], torch.ones(1, device=DEVICE), state, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks the GPU kernels at a real shape")
+def test_gpu_long_sequence_bf16():
+    B, T, H, K = 2, 4099, 4, 128
+    q, k, v, s0 = (x.detach() for x in inputs(B, T, H, K, K, dtype=torch.bfloat16))
+    q, k, v = (x * 0.1 for x in (q, k, v))
+    slopes = slopes_for(H)
+    o, st = lightning_attention(q, k, v, slopes, s0, True, backend="triton")
+    o_ref, st_ref = lightning_blockwise(q, k, v, slopes, s0)
+    assert rel_err(o, o_ref) < BF16_TOL and rel_err(st, st_ref) < BF16_TOL
