@@ -1,0 +1,739 @@
+"""MiniMax-M2 chat format: messages -> token ids + loss mask, and model output -> message.
+
+The only module that knows the M2 markup (SPEC-serving.md). Rendering:
+
+    ]~!b[]~b]system\n{system}{tools section}[e~[\n
+    ]~b]user\n{text}[e~[\n
+    ]~b]ai\n<think>\n{reasoning}\n</think>\n\n{content}\n<minimax:tool_call>\n
+    <invoke name="f">\n<parameter name="k">v</parameter>\n</invoke>\n</minimax:tool_call>[e~[\n
+    ]~b]tool\n<response>{result}</response>\n<response>{result}</response>[e~[\n
+    ]~b]ai\n<think>\n                                     (generation prompt)
+
+Messages are OpenAI-style dicts (system/user/assistant/tool; `reasoning_content` or inline
+`<think>...</think>` in content, `tool_calls` with dict or JSON-string arguments; `tool_call_id`
+is accepted but not rendered: M2 pairs results with calls by order). As in M2's own template, a
+"\n" separates the content from `<minimax:tool_call>`. Markers are inserted as special-token ids;
+every text piece goes through `Tokenizer.encode`, which never yields a special id, so user text
+spelling `<think>` stays text. Thinking is kept only for assistant messages after the last user
+message. `loss_mask` is 1 on what the model produces in assistant turns (from `<think>`, or the
+content, through `[e~[`), older turns included.
+
+Parsing (`parse_assistant`, `StreamParser`) reads text generated after the generation prompt:
+it starts inside the thinking (`thinking_open=True`; an opening `<think>` is also accepted) or,
+with `thinking_open=False`, in the content. Batch parsing is the streaming parser fed once, so
+the two always agree. Decisions, in order of precedence:
+- `[e~[` or `]~b]` ends the output; anything after is ignored.
+- Everything before the first `</think>` is reasoning, tool-call XML included (never executed);
+  with no `</think>` at all (truncated thinking) everything is reasoning and content is empty.
+- The template's separators are removed exactly: one "\n" after `<think>` and before
+  `</think>`, up to two after `</think>`, one before `<minimax:tool_call>`.
+- A parameter value ends at a `</parameter>` followed (after whitespace) by `<parameter name=`,
+  `</invoke>` or `</minimax:tool_call>`, so a literal `</parameter>` inside a string survives.
+- Values are converted with the tool's JSON schema (strings raw, everything else JSON); a
+  parameter the schema does not describe, or any parameter when `tools` is None, stays a string.
+- Failures never raise: a call to a tool not in `tools`, an unterminated or malformed call is
+  reported as a `ToolCallError` event (`ParsedMessage.errors`), dropped from `tool_calls`, and
+  its raw text is given back as content.
+
+    from xinzhou.chat_format import render, parse_assistant, StreamParser
+    r = render(messages, tok, tools=tools, add_generation_prompt=True)   # r.ids, r.loss_mask
+    msg = parse_assistant(generated_text, tools=tools)                   # .reasoning/.content/...
+
+Tests: `python -m pytest tests/test_chat_format.py -q`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xinzhou.tokenizer import (
+    BOS,
+    EOS,
+    ROLE,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    Tokenizer,
+)
+
+Message = Mapping[str, Any]
+Tool = Mapping[str, Any]
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+_TOOLS_INTRO = (
+    "\n\n# Tools\nYou may call one or more tools to assist with the user query.\n"
+    "Here are the tools available in JSONSchema format:\n\n<tools>\n"
+)
+_TOOLS_OUTRO = (
+    "</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n"
+)
+_CALL_EXAMPLE = (
+    '\n<invoke name="tool-name-1">\n'
+    '<parameter name="param-key-1">param-value-1</parameter>\n'
+    '<parameter name="param-key-2">param-value-2</parameter>\n'
+    "...\n</invoke>\n"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    ids: list[int]
+    loss_mask: list[int]  # 1 where the model is trained to produce the token
+
+
+@dataclass(frozen=True)
+class _Piece:
+    text: str
+    special: bool
+    train: int
+
+
+def render(
+    messages: Sequence[Message],
+    tokenizer: Tokenizer,
+    tools: Sequence[Tool] | None = None,
+    add_generation_prompt: bool = False,
+) -> Rendered:
+    """Token ids and loss mask of a conversation in the M2 format."""
+    pieces = _pieces(messages, tools, add_generation_prompt)
+    encoded = iter(tokenizer.encode_batch([p.text for p in pieces if not p.special]))
+    ids: list[int] = []
+    mask: list[int] = []
+    for p in pieces:
+        piece_ids = [tokenizer.special_id(p.text)] if p.special else next(encoded)
+        ids += piece_ids
+        mask += [p.train] * len(piece_ids)
+    return Rendered(ids=ids, loss_mask=mask)
+
+
+def render_text(
+    messages: Sequence[Message],
+    tools: Sequence[Tool] | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The rendered conversation as text (markers spelled out); for debugging and tests."""
+    return "".join(p.text for p in _pieces(messages, tools, add_generation_prompt))
+
+
+def _pieces(
+    messages: Sequence[Message], tools: Sequence[Tool] | None, add_generation_prompt: bool
+) -> list[_Piece]:
+    out: list[_Piece] = []
+
+    def text(s: str, train: int = 0) -> None:
+        if s:
+            out.append(_Piece(s, False, train))
+
+    def special(token: str, train: int = 0) -> None:
+        out.append(_Piece(token, True, train))
+
+    msgs = list(messages)
+    system = DEFAULT_SYSTEM
+    if msgs and msgs[0].get("role") == "system":
+        system = _text(msgs[0].get("content"), "messages[0].content") or DEFAULT_SYSTEM
+        msgs = msgs[1:]
+    offset = len(messages) - len(msgs)  # for error messages that name the caller's index
+
+    special(BOS)
+    special(ROLE)
+    if tools:
+        listed = "".join(f"<tool>{json.dumps(_function(t, i), ensure_ascii=False)}</tool>\n"
+                         for i, t in enumerate(tools))
+        text("system\n" + system + _TOOLS_INTRO + listed + _TOOLS_OUTRO)
+        special(TOOL_CALL_OPEN)
+        text(_CALL_EXAMPLE)
+        special(TOOL_CALL_CLOSE)
+    else:
+        text("system\n" + system)
+    special(EOS)
+    text("\n")
+
+    last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
+    for i, m in enumerate(msgs):
+        role = m.get("role")
+        where = f"messages[{i + offset}]"
+        if role == "user":
+            special(ROLE)
+            text("user\n" + _text(m.get("content"), f"{where}.content"))
+            special(EOS)
+            text("\n")
+        elif role == "assistant":
+            reasoning, content = _reasoning_and_content(m, where)
+            calls = m.get("tool_calls") or []
+            special(ROLE)
+            text("ai\n")
+            if reasoning and i > last_user:
+                special(THINK_OPEN, 1)
+                text("\n", 1)  # its own piece: the generation prompt ends with this token
+                text(reasoning + "\n", 1)
+                special(THINK_CLOSE, 1)
+                content = "\n\n" + content
+            if calls:
+                text(content + "\n", 1)
+                special(TOOL_CALL_OPEN, 1)
+                text("\n" + "".join(_invoke(c, f"{where}.tool_calls[{j}]")
+                                    for j, c in enumerate(calls)), 1)
+                special(TOOL_CALL_CLOSE, 1)
+            else:
+                text(content, 1)
+            special(EOS, 1)
+            text("\n")
+        elif role == "tool":
+            prev = msgs[i - 1] if i > 0 else {}
+            if prev.get("role") == "tool":
+                continue  # rendered with the first result of its run: one turn for all
+            if prev.get("role") != "assistant" or not prev.get("tool_calls"):
+                raise ValueError(f"{where}: a tool message must follow an assistant message "
+                                 "with tool_calls (or another tool message)")
+            results = []
+            for j in range(i, len(msgs)):
+                if msgs[j].get("role") != "tool":
+                    break
+                result = _text(msgs[j].get("content"), f"messages[{j + offset}].content")
+                results.append(f"\n<response>{result}</response>")
+            special(ROLE)
+            text("tool" + "".join(results))
+            special(EOS)
+            text("\n")
+        elif role == "system":
+            raise ValueError(f"{where}: a system message is only allowed as the first message")
+        else:
+            raise ValueError(f"{where}.role: expected system, user, assistant or tool, "
+                             f"got {role!r}")
+    if add_generation_prompt:
+        special(ROLE)
+        text("ai\n")
+        special(THINK_OPEN)
+        text("\n")
+    return out
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content as a string: str, None, or a list of OpenAI text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+                parts.append(str(part.get("text", "")))
+            else:
+                raise ValueError(f"{where}: only text parts are supported, got {part!r}")
+        return "".join(parts)
+    raise ValueError(f"{where}: expected a string or a list of text parts, got {type(content)}")
+
+
+def _reasoning_and_content(m: Message, where: str) -> tuple[str, str]:
+    content = _text(m.get("content"), f"{where}.content")
+    reasoning = m.get("reasoning_content")
+    if isinstance(reasoning, str):
+        return reasoning, content
+    if THINK_CLOSE in content:  # thinking sent back inline, as `<think>...</think>` in content
+        parts = content.split(THINK_CLOSE)
+        return parts[0].strip("\n").split(THINK_OPEN)[-1].strip("\n"), parts[-1].strip("\n")
+    return "", content
+
+
+def _function(tool: Tool, i: int) -> Mapping[str, Any]:
+    fn = tool.get("function", tool)
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise ValueError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ...}}}}"
+                         f", got {tool!r}")
+    return fn
+
+
+def _invoke(call: Mapping[str, Any], where: str) -> str:
+    fn = call.get("function", call)
+    name = fn.get("name") if isinstance(fn, Mapping) else None
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: a tool call needs function.name, got {call!r}")
+    args = fn.get("arguments") or {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}.function.arguments: not valid JSON ({e})") from e
+    if not isinstance(args, Mapping):
+        raise ValueError(f"{where}.function.arguments: expected a JSON object, got {args!r}")
+    params = "".join(f'<parameter name="{k}">{_value_text(v)}</parameter>\n'
+                     for k, v in args.items())
+    return f'<invoke name="{name}">\n{params}</invoke>\n'
+
+
+def _value_text(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int  # counts started calls, in order
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    index: int
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCallError:
+    index: int | None  # the started call this cancels, or None if none had started
+    message: str
+
+
+Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallEnd | ToolCallError
+
+
+@dataclass
+class ParsedMessage:
+    reasoning: str = ""
+    content: str = ""
+    # OpenAI shape; `arguments` is a dict (servers json.dumps it)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_message(self) -> dict[str, Any]:
+        """An assistant message that `render` accepts (for the next turn)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning:
+            msg["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        return msg
+
+
+_END_MARKERS = (EOS, ROLE)
+_PARAM_CLOSE = "</parameter>"
+_INVOKE_CLOSE = "</invoke>"
+_AFTER_PARAM = ('<parameter name=', _INVOKE_CLOSE, TOOL_CALL_CLOSE)  # what may follow a value
+_LOOKAHEAD = max(map(len, _AFTER_PARAM))
+_SPACES = re.compile(r"\s*")
+_MAX_TAG = 1024  # an `<invoke ...>` / `<parameter ...>` tag longer than this is malformed
+_NAME = r"""\s+name\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))\s*>"""
+_INVOKE_RE = re.compile("<invoke" + _NAME)
+_PARAM_RE = re.compile("<parameter" + _NAME)
+
+
+class StreamParser:
+    """Incremental parser of assistant output: `feed` text pieces, then `finish` once."""
+
+    def __init__(self, tools: Sequence[Tool] | None = None, thinking_open: bool = True) -> None:
+        self._schemas = None if tools is None else _schemas(tools)
+        self._fallback = "reasoning" if thinking_open else "content"
+        self._state = "start"
+        self._pending = ""  # not yet cleared of end markers
+        self._buf = ""  # cleared, not yet consumed by the state machine
+        self._ended = False  # saw an end marker
+        self._finished = False
+        self._events: list[Event] = []
+        self._skip_newline = False  # drop one "\n" after an explicit <think>
+        self._newlines_left = 0  # "\n\n" after </think>
+        self._started = 0
+        # the call being parsed
+        self._raw = ""  # its text so far, given back as content if it fails
+        self._call: ToolCallStart | None = None  # None while parsing a call to an unknown tool
+        self._call_name = ""
+        self._params: list[tuple[str, str]] = []
+        self._param = ""
+        self._search_from = 0
+
+    def feed(self, text: str) -> list[Event]:
+        if self._finished:
+            raise RuntimeError("StreamParser.feed after finish")
+        if not self._ended:
+            self._pending += text
+            self._advance(final=False)
+        return self._take()
+
+    def finish(self) -> list[Event]:
+        if self._finished:
+            raise RuntimeError("StreamParser.finish called twice")
+        self._finished = True
+        self._advance(final=True)
+        if self._state in ("invoke", "param"):
+            self._fail("unterminated tool call")
+            self._run(final=True)
+        return self._take()
+
+    def _take(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def _emit(self, ev: Event) -> None:
+        if isinstance(ev, (ReasoningDelta, ContentDelta)):
+            if not ev.text:
+                return
+            last = self._events[-1] if self._events else None
+            if type(last) is type(ev):
+                ev = type(ev)(last.text + ev.text)  # type: ignore[union-attr]
+                self._events[-1] = ev
+                return
+        self._events.append(ev)
+
+    def _advance(self, final: bool) -> None:
+        hits = [i for i in (self._pending.find(m) for m in _END_MARKERS) if i >= 0]
+        if hits:
+            self._buf += self._pending[: min(hits)]
+            self._pending = ""
+            self._ended = True
+        else:
+            keep = 0 if final else _partial_suffix(self._pending, _END_MARKERS)
+            cut = len(self._pending) - keep
+            self._buf += self._pending[:cut]
+            self._pending = self._pending[cut:]
+        self._run(final=final or self._ended)
+
+    def _run(self, final: bool) -> None:
+        steps = {"start": self._step_start, "reasoning": self._step_reasoning,
+                 "after_think": self._step_after_think, "content": self._step_content,
+                 "block": self._step_block, "invoke": self._step_invoke, "param": self._step_param}
+        while steps[self._state](final):
+            pass
+
+    # Each step consumes from self._buf and returns True if it made progress.
+
+    def _step_start(self, final: bool) -> bool:
+        s = self._buf.lstrip()
+        if s.startswith(THINK_OPEN):
+            self._buf = s[len(THINK_OPEN):]
+            self._skip_newline = True
+            self._state = "reasoning"
+            return True
+        if not final and (not s or THINK_OPEN.startswith(s)):
+            return False
+        self._state = self._fallback
+        return True
+
+    def _step_reasoning(self, final: bool) -> bool:
+        if self._skip_newline:
+            if not self._buf and not final:
+                return False
+            self._skip_newline = False
+            if self._buf.startswith("\n"):
+                self._buf = self._buf[1:]
+        i = self._buf.find(THINK_CLOSE)
+        if i >= 0:
+            self._emit(ReasoningDelta(_drop_last_newline(self._buf[:i])))
+            self._buf = self._buf[i + len(THINK_CLOSE):]
+            self._newlines_left = 2
+            self._state = "after_think"
+            return True
+        self._emit(ReasoningDelta(self._release(("\n" + THINK_CLOSE, THINK_CLOSE), final)))
+        return False
+
+    def _step_after_think(self, final: bool) -> bool:
+        while self._newlines_left and self._buf.startswith("\n"):
+            self._buf = self._buf[1:]
+            self._newlines_left -= 1
+        if self._newlines_left and not self._buf and not final:
+            return False
+        self._state = "content"
+        return True
+
+    def _step_content(self, final: bool) -> bool:
+        i = self._buf.find(TOOL_CALL_OPEN)
+        if i >= 0:
+            self._emit(ContentDelta(_drop_last_newline(self._buf[:i])))
+            self._buf = self._buf[i + len(TOOL_CALL_OPEN):]
+            self._state = "block"
+            return True
+        self._emit(ContentDelta(self._release(("\n" + TOOL_CALL_OPEN, TOOL_CALL_OPEN), final)))
+        return False
+
+    def _step_block(self, final: bool) -> bool:
+        s = self._buf.lstrip()
+        if s.startswith(TOOL_CALL_CLOSE):
+            self._buf = s[len(TOOL_CALL_CLOSE):]
+            self._state = "content"
+            return True
+        if s.startswith("<invoke"):
+            tag = self._tag(s, final)
+            if tag is None:
+                return False
+            m = _INVOKE_RE.fullmatch(tag)
+            name = next(g for g in m.groups() if g is not None).strip() if m else ""
+            if not name:
+                self._fail(f"malformed tag {tag!r}")
+                return True
+            self._buf = s[len(tag):]
+            self._start_call(name, tag)
+            return True
+        if not final and (not s or any(p.startswith(s) for p in ("<invoke", TOOL_CALL_CLOSE))):
+            return False
+        if not s:  # whitespace at the end of an unclosed block
+            self._buf = ""
+            return False
+        self._fail("unexpected text in a tool-call block")
+        return True
+
+    def _step_invoke(self, final: bool) -> bool:
+        s = self._buf.lstrip()
+        ws = self._buf[: len(self._buf) - len(s)]
+        if s.startswith("<parameter"):
+            tag = self._tag(s, final)
+            if tag is None:
+                return False
+            m = _PARAM_RE.fullmatch(tag)
+            if m is None:
+                self._fail(f"malformed tag {tag!r}")
+                return True
+            self._raw += ws + tag
+            self._buf = s[len(tag):]
+            self._param = next(g for g in m.groups() if g is not None)
+            self._search_from = 0
+            self._state = "param"
+            return True
+        if s.startswith(_INVOKE_CLOSE):
+            self._raw += ws + _INVOKE_CLOSE
+            self._buf = s[len(_INVOKE_CLOSE):]
+            self._end_call()
+            return True
+        if s.startswith(TOOL_CALL_CLOSE):  # tolerate a missing </invoke>
+            self._buf = s
+            self._end_call()
+            return True
+        prefixes = ("<parameter", _INVOKE_CLOSE, TOOL_CALL_CLOSE)
+        if not s or (not final and any(p.startswith(s) for p in prefixes)):
+            return False  # at finish, `finish` reports the unterminated call
+        self._fail("unexpected text in an invoke")
+        return True
+
+    def _step_param(self, final: bool) -> bool:
+        buf = self._buf
+        while True:
+            i = buf.find(_PARAM_CLOSE, self._search_from)
+            if i < 0:
+                self._search_from = max(0, len(buf) - len(_PARAM_CLOSE) + 1)
+                return False  # at finish, `finish` reports the unterminated call
+            j = i + len(_PARAM_CLOSE)
+            k = _SPACES.match(buf, j).end()  # type: ignore[union-attr]
+            after = buf[k: k + _LOOKAHEAD]  # no copy of a long remainder
+            if after.startswith(_AFTER_PARAM) or (final and not after):
+                self._params.append((self._param, buf[:i]))
+                self._raw += buf[:j]
+                self._buf = buf[j:]
+                self._state = "invoke"
+                return True
+            if not final and len(after) < _LOOKAHEAD and any(p.startswith(after)
+                                                             for p in _AFTER_PARAM):
+                self._search_from = i  # cannot tell yet what follows this "</parameter>"
+                return False
+            self._search_from = i + 1  # a literal "</parameter>" inside the value
+
+    def _tag(self, s: str, final: bool) -> str | None:
+        """The complete `<...>` tag at the start of `s`, or None to wait for more text."""
+        gt = s.find(">", 0, _MAX_TAG)
+        if gt >= 0:
+            return s[: gt + 1]
+        if not final and len(s) < _MAX_TAG:
+            return None
+        return s[:_MAX_TAG]  # fails the tag regex: reported as malformed
+
+    def _release(self, markers: tuple[str, ...], final: bool) -> str:
+        """Consume and return the buffer, keeping back a tail that could begin a marker."""
+        keep = 0 if final else _partial_suffix(self._buf, markers)
+        out = self._buf[: len(self._buf) - keep]
+        self._buf = self._buf[len(self._buf) - keep:]
+        return out
+
+    def _start_call(self, name: str, tag: str) -> None:
+        self._raw = tag
+        self._call_name = name
+        self._params = []
+        self._call = None
+        if self._schemas is None or name in self._schemas:
+            self._call = ToolCallStart(self._started, f"call_{secrets.token_hex(12)}", name)
+            self._started += 1
+            self._emit(self._call)
+        self._state = "invoke"
+
+    def _end_call(self) -> None:
+        self._state = "block"
+        if self._call is None:
+            self._emit(ToolCallError(None, f"call to unknown tool {self._call_name!r}"))
+            self._emit(ContentDelta(self._raw))
+            return
+        props = (self._schemas or {}).get(self._call_name, {})
+        args = {k: _convert(v, props.get(k) if self._schemas is not None else None)
+                for k, v in self._params}
+        c = self._call
+        self._emit(ToolCallEnd(c.index, c.id, c.name, args))
+
+    def _fail(self, message: str) -> None:
+        """Give up on the current call (if any): report it and re-read its text as content."""
+        if self._state in ("invoke", "param"):
+            index = self._call.index if self._call is not None else None
+            self._emit(ToolCallError(index, f"tool call {self._call_name!r}: {message}"))
+            self._buf = self._raw + self._buf
+        else:
+            self._emit(ToolCallError(None, message))
+        self._state = "content"
+
+
+def collect(events: Iterable[Event]) -> ParsedMessage:
+    """Fold parser events into a message (what the batch parser returns)."""
+    out = ParsedMessage()
+    reasoning: list[str] = []
+    content: list[str] = []
+    for ev in events:
+        if isinstance(ev, ReasoningDelta):
+            reasoning.append(ev.text)
+        elif isinstance(ev, ContentDelta):
+            content.append(ev.text)
+        elif isinstance(ev, ToolCallEnd):
+            out.tool_calls.append({"id": ev.id, "type": "function",
+                                   "function": {"name": ev.name, "arguments": ev.arguments}})
+        elif isinstance(ev, ToolCallError):
+            out.errors.append(ev.message)
+    out.reasoning = "".join(reasoning)
+    out.content = "".join(content)
+    return out
+
+
+def parse_assistant(
+    text: str, tools: Sequence[Tool] | None = None, thinking_open: bool = True
+) -> ParsedMessage:
+    """Parse a complete assistant output (text generated after the generation prompt)."""
+    p = StreamParser(tools, thinking_open=thinking_open)
+    return collect(p.feed(text) + p.finish())
+
+
+def parse_ids(
+    ids: Sequence[int],
+    tokenizer: Tokenizer,
+    tools: Sequence[Tool] | None = None,
+    thinking_open: bool = True,
+) -> ParsedMessage:
+    """`parse_assistant` of generated token ids, decoded with special tokens kept."""
+    return parse_assistant(tokenizer.decode(ids, skip_special=False), tools, thinking_open)
+
+
+def _schemas(tools: Sequence[Tool]) -> dict[str, dict[str, Any]]:
+    """Tool name -> JSON-schema properties of its parameters."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(tools):
+        fn = _function(t, i)
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, Mapping) else None
+        out[fn["name"]] = dict(props) if isinstance(props, Mapping) else {}
+    return out
+
+
+def _partial_suffix(s: str, markers: Iterable[str]) -> int:
+    """Length of the longest tail of `s` that is a proper prefix of one of `markers`."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(s), len(m) - 1), best, -1):
+            if s.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+def _drop_last_newline(s: str) -> str:
+    return s[:-1] if s.endswith("\n") else s
+
+
+_NOT_JSON = object()
+
+
+def _json(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except ValueError:
+        return _NOT_JSON
+
+
+def _convert(raw: str, schema: Any) -> Any:
+    """A parameter's text back to a value: strip one newline each side, then apply `schema`."""
+    v = raw[1:] if raw.startswith("\n") else raw
+    v = _drop_last_newline(v)
+    if schema is None:
+        return v
+    ok, value = _coerce(v, schema)
+    if ok:
+        return value
+    j = _json(v)  # the model ignored the schema: keep what it wrote, typed if it is JSON
+    return v if j is _NOT_JSON else j
+
+
+def _is_string_schema(schema: Any) -> bool:
+    return isinstance(schema, Mapping) and schema.get("type") == "string"
+
+
+def _coerce(v: str, schema: Any) -> tuple[bool, Any]:
+    if not isinstance(schema, Mapping):
+        return False, None
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(options, list):
+        # strings last: "3" is the integer 3 when the schema allows both
+        for option in sorted(options, key=_is_string_schema):
+            ok, value = _coerce(v, option)
+            if ok:
+                return True, value
+        return False, None
+    enum = schema.get("enum")
+    if isinstance(enum, list):
+        if v in enum:
+            return True, v
+        j = _json(v)
+        return (True, j) if any(j == e and type(j) is type(e) for e in enum) else (False, None)
+    types = schema.get("type")
+    if types is None:
+        types = "object" if "properties" in schema else "array" if "items" in schema else None
+    if types is None:  # an unconstrained schema: JSON if it parses, else the text
+        j = _json(v)
+        return True, (v if j is _NOT_JSON else j)
+    for t in sorted(types if isinstance(types, list) else [types], key=lambda t: t == "string"):
+        if t == "string":
+            return True, v
+        if t == "boolean" and v.strip().lower() in ("true", "false"):
+            return True, v.strip().lower() == "true"
+        j = _json(v)
+        if t == "null" and j is None:
+            return True, None
+        if t == "integer" and isinstance(j, int) and not isinstance(j, bool):
+            return True, j
+        if t == "integer" and isinstance(j, float) and j.is_integer():
+            return True, int(j)
+        if t == "number" and isinstance(j, (int, float)) and not isinstance(j, bool):
+            return True, j
+        if t == "object" and isinstance(j, dict):
+            return True, j
+        if t == "array" and isinstance(j, list):
+            return True, j
+    return False, None

@@ -1,0 +1,184 @@
+"""Byte-level BPE tokenizer with MiniMax-M2's special tokens.
+
+A thin typed wrapper around a Hugging Face `tokenizers.Tokenizer`. `train_tokenizer` trains a
+GPT-style byte-level BPE whose pre-tokenizer first splits every digit into its own piece (so
+numbers are always one token per digit) and reserves the M2 markers as single special tokens with
+fixed low ids (0..7, in `SPECIAL_TOKENS` order). `Tokenizer.load` also reads a real MiniMax
+`tokenizer.json` (the markers are found by name there, at whatever ids the file gives them).
+
+`encode` never produces a special-token id: text that merely spells `<think>` or `[e~[` is
+encoded as ordinary bytes (prompt-injection rule). Special ids are inserted only by
+`chat_format.py`, which builds sequences from encoded text pieces plus `special_id(...)`.
+
+    from xinzhou.tokenizer import train_tokenizer, Tokenizer
+    tok = train_tokenizer(open("corpus.txt"), vocab_size=8192)
+    tok.save("out/")                      # out/tokenizer.json, loadable by transformers
+    tok = Tokenizer.load("out/")
+
+Tests: `python -m pytest tests/test_tokenizer.py -q`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+BOS = "]~!b["  # begins the text
+ROLE = "]~b]"  # opens a turn: ]~b]system, ]~b]user, ]~b]ai, ]~b]tool
+EOS = "[e~["  # ends a turn; generation stops here
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+TOOL_CALL_OPEN = "<minimax:tool_call>"
+TOOL_CALL_CLOSE = "</minimax:tool_call>"
+PAD = "<pad>"
+# The M2 markers every tokenizer must have; their order fixes ids 0..6 in trained tokenizers.
+M2_SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS,
+    ROLE,
+    EOS,
+    THINK_OPEN,
+    THINK_CLOSE,
+    TOOL_CALL_OPEN,
+    TOOL_CALL_CLOSE,
+)
+SPECIAL_TOKENS: tuple[str, ...] = (*M2_SPECIAL_TOKENS, PAD)
+_BYTE_ALPHABET_SIZE = 256
+
+
+class Tokenizer:
+    """Encode/decode text; knows the ids of the M2 special tokens."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, source: str = "<in memory>") -> None:
+        missing = [t for t in M2_SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise ValueError(
+                f"{source}: tokenizer lacks the MiniMax-M2 special tokens {missing}; "
+                f"expected all of {list(M2_SPECIAL_TOKENS)} as added tokens"
+            )
+        # Every marker must be a *special* added token: only those are skipped by
+        # encode_special_tokens, which is what keeps spelled markers in text as plain bytes.
+        # (A real MiniMax file may flag some markers as non-special; re-adding keeps the id.)
+        present = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None]
+        ids_before = [backend.token_to_id(t) for t in present]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in present])
+        if [backend.token_to_id(t) for t in present] != ids_before:
+            raise ValueError(f"{source}: special token ids moved when flagging them special")
+        backend.encode_special_tokens = True
+        self._tok = backend
+        self._source = source
+        self._special_ids = {t: backend.token_to_id(t) for t in present}
+        leaked = {t for t in present if set(self.encode(t)) & set(self._special_ids.values())}
+        if leaked:
+            raise ValueError(f"{source}: plain text {sorted(leaked)} encodes to a special id")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load `path/tokenizer.json` (if `path` is a directory) or the file `path`."""
+        p = Path(path)
+        file = p / "tokenizer.json" if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no tokenizer.json here")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON/structure
+            raise ValueError(f"{file}: not a valid Hugging Face tokenizer.json ({e})") from e
+        return cls(backend, source=str(file))
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write `directory/tokenizer.json` atomically (temp file + rename); returns its path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        target = d / "tokenizer.json"
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tokenizer.json.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self._tok.to_str(pretty=True))
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return target
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; never a special id, whatever the text spells."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` over many texts at once (parallel in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def special_id(self, token: str) -> int:
+        if token not in self._special_ids:
+            raise KeyError(f"{token!r} is not a special token of {self._source}")
+        return self._special_ids[token]
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._special_ids.values())
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_ids[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special_ids[EOS]
+
+    @property
+    def pad_id(self) -> int:
+        """`<pad>` if the tokenizer has one (ours do), else the eos id (real MiniMax files)."""
+        return self._special_ids.get(PAD, self.eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._tok
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, source={self._source!r})"
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # Digits first so "2024" becomes 2,0,2,4 and no merge can ever join digits; then GPT-2 regex.
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; `SPECIAL_TOKENS` get ids 0..7, in that order."""
+    smallest = len(SPECIAL_TOKENS) + _BYTE_ALPHABET_SIZE
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size={vocab_size} is too small: need at least {smallest} "
+                         f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = _pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend)
+
