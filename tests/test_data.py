@@ -1,0 +1,123 @@
+"""Shards and the packed loader: deterministic, rank-sharded, resumable; bad files named."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xinzhou.data import DataError, PackedLoader, open_shards, pack_windows, read_corpus, write_shards
+
+
+def docs(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        length = int(rng.integers(3, 40))
+        ids = rng.integers(1, 97, length).tolist()
+        mask = [0] * (length // 3) + [1] * (length - length // 3)
+        yield ids, mask
+
+
+@pytest.fixture
+def shard(tmp_path):
+    return write_shards(docs(300), tmp_path / "sh", vocab_size=97)
+
+
+def test_pack_windows_keeps_documents_whole_and_covers_every_token():
+    starts = np.array([0, 5, 9, 30, 31, 100, 104])  # docs of 5, 4, 21, 1, 69, 4 tokens
+    w = pack_windows(starts, seq_len=16)  # windows of at most 17 tokens
+    assert (w[:, 1] - w[:, 0] <= 17).all()
+    covered = np.zeros(104, bool)
+    for a, b in w:
+        covered[a:b] = True
+        if not 31 <= a < 100:  # outside the long document's pieces, windows start at a document
+            assert a in starts
+    assert covered.all()
+    # the 69-token document is cut into overlapping pieces: each of its tokens is a target once
+    pieces = [(a, b) for a, b in w if 31 <= a < 100]
+    targets = sorted(t for a, b in pieces for t in range(a + 1, b))
+    assert targets == list(range(32, 104))  # 100..103: the short document packed after the last piece
+
+
+def test_loader_is_deterministic_resumable_and_rank_sharded(shard):
+    one = PackedLoader(shard, seq_len=32, batch_size=4, seed=3)
+    batches = [one.next_batch() for _ in range(7)]
+    again = PackedLoader(shard, seq_len=32, batch_size=4, seed=3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(batches, (again.next_batch() for _ in range(7))))
+    # resume from a saved position
+    r = PackedLoader(shard, seq_len=32, batch_size=4, seed=3)
+    for _ in range(4):
+        r.next_batch()
+    state = r.state_dict()
+    fresh = PackedLoader(shard, seq_len=32, batch_size=4, seed=3)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.next_batch()[0], batches[4][0])
+    # two ranks of batch 2 see exactly the global batch of one rank of batch 4
+    r0 = PackedLoader(shard, seq_len=32, batch_size=2, rank=0, world_size=2, seed=3)
+    r1 = PackedLoader(shard, seq_len=32, batch_size=2, rank=1, world_size=2, seed=3)
+    for x, _ in batches[:3]:
+        assert torch.equal(torch.cat([r0.next_batch()[0], r1.next_batch()[0]]), x)
+
+
+def test_targets_follow_the_loss_mask(tmp_path):
+    path = write_shards([([5, 6, 7, 8], [0, 0, 1, 1])], tmp_path / "one", vocab_size=10)
+    x, y = PackedLoader(path, seq_len=6, batch_size=1).next_batch()
+    assert x[0].tolist() == [5, 6, 7, 0, 0, 0]  # right-padded with pad id 0
+    assert y[0].tolist() == [-100, 7, 8, -100, -100, -100]  # 6 is not learned (mask 0)
+
+
+def test_epochs_cycle_with_a_new_order(shard):
+    loader = PackedLoader(shard, seq_len=32, batch_size=4, seed=0)
+    n = loader.steps_per_epoch
+    first = [loader.next_batch()[0] for _ in range(n)]
+    second = loader.next_batch()[0]
+    assert loader.epoch == 1
+    assert not any(torch.equal(second, f) for f in first[:1])
+
+
+def test_bad_files_are_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="empty.txt: file is empty"):
+        list(read_corpus(empty))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt: not UTF-8 text \(bad byte at offset 3\)"):
+        list(read_corpus(latin))
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"text": "a"}\n{"text": "b')
+    with pytest.raises(DataError, match="cut.jsonl line 2: invalid JSON"):
+        list(read_corpus(cut))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"body": "a"}\n')
+    with pytest.raises(DataError, match="wrong.jsonl line 1: expected a 'text' string or a 'messages' list"):
+        list(read_corpus(wrong))
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        list(read_corpus(tmp_path / "x.csv"))
+    with pytest.raises(DataError, match="no tokens"):
+        write_shards([], tmp_path / "none", vocab_size=10)
+    with pytest.raises(DataError, match="outside"):
+        write_shards([([1, 99], [1, 1])], tmp_path / "big", vocab_size=10)
+
+
+def test_parquet_corpus_and_damaged_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")  # a test extra; parquet reading is optional for users
+    import pyarrow.parquet as pq
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["hello", "world"]}), good)
+    assert list(read_corpus(good)) == ["hello", "world"]
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
+        list(read_corpus(bad))
+
+
+def test_truncated_shard_is_detected(shard):
+    tokens = shard / "tokens.bin"
+    tokens.write_bytes(tokens.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated or mismatched"):
+        open_shards(shard)
+    meta = json.loads((shard / "meta.json").read_text())
+    assert meta["n_docs"] == 300

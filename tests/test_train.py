@@ -1,0 +1,151 @@
+"""The training loop: accumulation and ranks give the same curve, a SIGKILL'd run resumes
+bitwise, half-written checkpoints are never loaded, and checkpoints load into transformers."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xinzhou.config import preset
+from xinzhou.data import write_shards
+from xinzhou.hf import CheckpointError, load_hf
+from xinzhou.tokenizer import train_tokenizer
+from xinzhou.train import TrainConfig, train
+
+V = 97
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(400):  # learnable structure: arithmetic progressions mod V
+        start, step, n = (int(x) for x in (rng.integers(1, V), rng.integers(1, 5), rng.integers(8, 30)))
+        ids = [(start + i * step) % V for i in range(n)]
+        docs.append((ids, [0] + [1] * (n - 1)))
+    return write_shards(docs, tmp_path_factory.mktemp("data") / "sh", vocab_size=V)
+
+
+def curve(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def cfg(shard, out, **kw):
+    base = dict(data=str(shard), out_dir=str(out), seq_len=32, steps=4, lr=3e-3, warmup_steps=2, progress=False)
+    return TrainConfig(**(base | kw))
+
+
+def test_grad_accumulation_1x8_equals_8x1(shard, tmp_path):
+    # the balance loss is a property of the batch each forward sees, so it is off here: this
+    # checks that accumulation sums token losses exactly as one big batch does
+    model_cfg = preset("tiny", vocab_size=V, router_aux_loss_coef=0.0)
+    train(model_cfg, cfg(shard, tmp_path / "big", batch_size=8, grad_accum=1))
+    train(model_cfg, cfg(shard, tmp_path / "acc", batch_size=1, grad_accum=8))
+    a, b = curve(tmp_path / "big"), curve(tmp_path / "acc")
+    assert len(a) == 4 and a[-1] < a[0]
+    assert np.abs(np.array(a) - np.array(b)).max() <= 1e-5
+    wa = load_hf(tmp_path / "big" / "ckpt").state_dict()
+    wb = load_hf(tmp_path / "acc" / "ckpt").state_dict()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def _train_cmd(shard, out, *extra):
+    return [sys.executable, "-m", "xinzhou.train", "--data", str(shard), "--out", str(out), "--preset", "tiny",
+            "--vocab-size", str(V), "--seq-len", "32", "--warmup-steps", "2", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def test_two_processes_fsdp_match_one_process(shard, tmp_path):
+    # the same micro-batches either way: 1 rank x 2 accumulation steps, or 2 ranks x 1
+    subprocess.run(_train_cmd(shard, tmp_path / "one", "--steps", "4", "--batch-size", "1", "--grad-accum", "2"),
+                   check=True, env=ENV, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + random.randrange(1000))]
+    cmd = _train_cmd(shard, tmp_path / "two", "--steps", "4", "--batch-size", "1", "--grad-accum", "1")
+    subprocess.run(torchrun + cmd[2:], check=True, env=ENV, timeout=300, capture_output=True)
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    assert np.abs(np.array(a) - np.array(b)).max() <= 1e-5
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    ref = load_hf(tmp_path / "one" / "ckpt").state_dict()
+    got = load_hf(tmp_path / "two" / "ckpt").state_dict()  # the full (unsharded) weights were saved
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def test_sigkill_and_resume_gives_the_same_curve_bitwise(shard, tmp_path):
+    args = ("--steps", "14", "--batch-size", "2", "--ckpt-every", "3")
+    subprocess.run(_train_cmd(shard, tmp_path / "ref", *args), check=True, env=ENV, timeout=300)
+    out = tmp_path / "killed"
+    kill_after = random.Random().randint(4, 12)  # rows in metrics.jsonl before the kill
+    proc = subprocess.Popen(_train_cmd(shard, out, *args), env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "ckpt" / "trainer_state.pt").exists()
+    subprocess.run(_train_cmd(shard, out, *args), check=True, env=ENV, timeout=300)
+    assert curve(out) == curve(tmp_path / "ref")  # bitwise, not approximately
+    assert torch.equal(load_hf(out / "ckpt").embed.weight, load_hf(tmp_path / "ref" / "ckpt").embed.weight)
+
+
+def test_half_written_checkpoint_is_never_loaded(shard, tmp_path, monkeypatch):
+    model_cfg = preset("tiny", vocab_size=V)
+    out = tmp_path / "run"
+    train(model_cfg, cfg(shard, out, steps=2))
+    good = load_hf(out / "ckpt").embed.weight.clone()
+    # a crash in the middle of writing the next checkpoint
+    import xinzhou.train as tr
+
+    def crash(*a, **k):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(tr.torch, "save", crash)
+    with pytest.raises(OSError, match="mid-write"):
+        train(model_cfg, cfg(shard, out, steps=4))
+    monkeypatch.undo()
+    assert torch.equal(load_hf(out / "ckpt").embed.weight, good)  # the complete one is still there
+    assert not [p for p in out.iterdir() if p.name.startswith(".ckpt.tmp")]
+    state = torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+
+
+def test_incompatible_checkpoint_is_named(shard, tmp_path):
+    train(preset("tiny", vocab_size=V), cfg(shard, tmp_path / "a", steps=1))
+    with pytest.raises(CheckpointError, match=r"incompatible checkpoint: hidden_size is 64 there, 96 here"):
+        train(preset("tiny", vocab_size=V, hidden_size=96), cfg(shard, tmp_path / "b", steps=1,
+                                                                   init_from=str(tmp_path / "a" / "ckpt")))
+
+
+def test_checkpoint_and_tokenizer_load_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")  # the test extra; the oracle
+    texts = [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)] + ["hello world, the heart-boat"] * 50
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok_path = tok.save(tmp_path / "tok")
+    from xinzhou.data import tokenize_docs
+    shard = write_shards(tokenize_docs(texts, tok), tmp_path / "sh", vocab_size=tok.vocab_size)
+    # rotary_dim == head_dim: transformers' MiniMax rotates the whole head (the known departure,
+    # see README), so a checkpoint meant for transformers uses full rotary, as the speedrun does
+    model_cfg = preset("tiny", vocab_size=tok.vocab_size, rotary_dim=16, bos_token_id=tok.bos_id,
+                       eos_token_id=tok.eos_id)
+    ckpt = train(model_cfg, cfg(shard, tmp_path / "run", steps=3, tokenizer=str(tok_path)))
+    ours = load_hf(ckpt).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
+    for text in ["17+23=40", "hello world", "<think>not special</think>"]:
+        assert hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == tok.encode(text)
+    x = torch.tensor([tok.encode("12+30=42 hello")])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4

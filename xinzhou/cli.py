@@ -1,0 +1,165 @@
+"""The `xinzhou` command.
+
+    xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT -> capability report (CPU, tiny)
+    xinzhou speedrun --preset small       # the same at the 306.8M shape (GPU)
+    xinzhou eval runs/speedrun/sft/ckpt   # capability report of any checkpoint with a tokenizer.json
+
+A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
+loss.png and ckpt/), report.md and levels.png. The final checkpoint is sft/ckpt: a Hugging Face
+directory that transformers loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xinzhou import tasks
+from xinzhou.chat_format import render_text
+from xinzhou.config import ModelConfig, preset
+from xinzhou.data import tokenize_docs, write_shards
+from xinzhou.evals import capability_report, plot_levels, report_markdown
+from xinzhou.hf import load_hf
+from xinzhou.tokenizer import Tokenizer, train_tokenizer
+from xinzhou.train import TrainConfig, train
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    model: dict  # preset name + overrides
+    vocab_size: int
+    pretrain_docs: int
+    sft_mix: dict  # family -> number of training samples
+    tool_turns: int  # tool samples chained per SFT conversation (the tools section is paid once)
+    seq_len: int  # pretraining
+    batch_size: int
+    sft_seq_len: int
+    sft_batch_size: int
+    pretrain_steps: int
+    sft_steps: int
+    pretrain_lr: float
+    sft_lr: float
+    eval_n: int
+
+
+RECIPES = {
+    # ~10 minutes on 2 CPU cores
+    # ~10 minutes on 2 CPU cores. Full rotary (rotary_dim = head_dim) so that transformers' MiniMax,
+    # which rotates the whole head, computes the same logits from the checkpoint.
+    "tiny": Recipe(model=dict(name="tiny", hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
+                              layer_types=("lightning", "softmax", "lightning", "softmax")),
+                   vocab_size=1024, pretrain_docs=6000,
+                   sft_mix=dict(arithmetic=16000, tools=12000, recall=1000, countdown=1000, retrieval=100),
+                   tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
+                   pretrain_steps=100, sft_steps=1100, pretrain_lr=3e-3, sft_lr=3e-3, eval_n=200),
+    # the 306.8M benchmark shape; for a GPU
+    "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000,
+                    sft_mix=dict(arithmetic=100000, tools=30000, recall=20000, countdown=20000, retrieval=5000),
+                    tool_turns=3, seq_len=1024, batch_size=32, sft_seq_len=1024, sft_batch_size=32, pretrain_steps=2000, sft_steps=3000, pretrain_lr=1e-3,
+                    sft_lr=5e-4, eval_n=200),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[xinzhou {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: int = 0) -> Path:
+    if isinstance(recipe, str) and recipe not in RECIPES:
+        raise SystemExit(f"unknown preset {recipe!r}: expected one of {list(RECIPES)}")
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    recipe_name = recipe if isinstance(recipe, str) else "custom"
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    _log("1/5 curriculum: generating task conversations")
+    pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs)
+    sft = []
+    for family, n in r.sft_mix.items():
+        samples = tasks.generate(family, "train", n, seed)
+        k = r.tool_turns if family == "tools" else 1
+        for i in range(0, len(samples), k):  # several questions share one conversation
+            group = samples[i:i + k]
+            sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools))
+    random.Random(seed).shuffle(sft)
+
+    _log(f"2/5 tokenizer: byte-level BPE, vocab {r.vocab_size}")
+    chat_texts = [render_text(c["messages"], c["tools"]) for c in sft[:3000]]
+    tok = train_tokenizer(pretrain_texts + chat_texts, r.vocab_size)
+    tok_path = tok.save(out_dir / "tokenizer")
+    tok = Tokenizer.load(tok_path)
+
+    _log("3/5 data: tokenized, packed shards")
+    write_shards(tokenize_docs(pretrain_texts, tok), out_dir / "data" / "pretrain", tok.vocab_size, "tasks.pretrain_text")
+    write_shards(tokenize_docs(sft, tok), out_dir / "data" / "sft", tok.vocab_size, "tasks SFT mix")
+
+    spec = dict(r.model)
+    model_cfg: ModelConfig = preset(spec.pop("name"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **spec)
+    common = dict(seed=seed, tokenizer=str(tok_path))
+    _log(f"4/5 pretrain ({model_cfg.num_params() / 1e6:.2f}M params) then SFT")
+    pre = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "pretrain"), out_dir=str(out_dir / "pretrain"),
+                                       steps=r.pretrain_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
+                                       batch_size=r.batch_size, **common))
+    final = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "sft"), out_dir=str(out_dir / "sft"),
+                                         steps=r.sft_steps, lr=r.sft_lr, init_from=str(pre), warmup_steps=10,
+                                         seq_len=r.sft_seq_len, batch_size=r.sft_batch_size, **common))
+
+    _log("5/5 capability report on held-out tasks")
+    results = report(final, out_dir, n=r.eval_n)
+    minutes = (time.time() - t0) / 60
+    text = (out_dir / "report.md").read_text()
+    text = text.replace("\n\n", f"\n\nSpeedrun `{recipe_name}` in {minutes:.1f} min; checkpoint `{final}`.\n\n", 1)
+    (out_dir / "report.md").write_text(text)
+    _log(f"done in {minutes:.1f} min: {out_dir / 'report.md'}")
+    for res in results:
+        _log(f"  L{res.level} {res.family:<10} {res.metric:<16} {res.score:6.1%} (threshold {res.threshold:.0%})")
+    return out_dir
+
+
+def report(ckpt: Path, out_dir: Path, n: int = 200) -> list:
+    model = load_hf(ckpt)
+    tok = Tokenizer.load(ckpt / "tokenizer.json")
+    results = capability_report(model, tok, n=n)
+    (out_dir / "report.md").write_text(
+        f"# Capability report\n\nCheckpoint `{ckpt}`, held-out samples, greedy decoding.\n\n" + report_markdown(results))
+    (out_dir / "levels.json").write_text(json.dumps([dict(level=x.level, family=x.family, metric=x.metric,
+                                                          score=x.score, threshold=x.threshold, passed=x.passed,
+                                                          answer_accuracy=x.answer_accuracy, n=x.n)
+                                                     for x in results], indent=2))
+    plot_levels(results, str(out_dir / "levels.png"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="xinzhou")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speedrun", help="tokenizer -> curriculum -> pretrain -> SFT -> capability report")
+    s.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
+    s.add_argument("--out", default="runs/speedrun")
+    s.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval", help="capability report of a checkpoint directory (with tokenizer.json)")
+    e.add_argument("ckpt")
+    e.add_argument("--out", default=None)
+    e.add_argument("-n", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.cmd == "speedrun":
+        speedrun(args.preset, args.out, args.seed)
+    elif args.cmd == "eval":
+        ckpt = Path(args.ckpt)
+        results = report(ckpt, Path(args.out or ckpt.parent), n=args.n)
+        sys.stdout.write(report_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

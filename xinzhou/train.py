@@ -1,0 +1,328 @@
+"""Pretraining and SFT: one loop, one process or many (torchrun + FSDP2), resumable.
+
+    python -m xinzhou.train --data runs/x/data/sft --out runs/x/sft --init-from runs/x/pretrain/ckpt
+    torchrun --nproc_per_node 2 -m xinzhou.train --data ... --out ...
+
+SFT is pretraining with a loss mask (the shards carry it). AdamW, linear warmup + cosine decay,
+gradient clipping, gradient accumulation, bf16 autocast on GPU. The loss of a step is the mean
+cross-entropy over every target token of the global batch (all micro-batches, all ranks), so
+1 x 8 and 8 x 1 accumulation and 1 or 2 ranks give the same updates.
+
+Output directory:
+    run.json        full config, git commit, library versions
+    metrics.jsonl   one row per step (loss, ce, aux, lr, grad_norm, tokens/s)
+    loss.png        the loss curve, drawn from metrics.jsonl
+    ckpt/           Hugging Face checkpoint (config.json, safetensors, tokenizer.json) + trainer_state.pt,
+                    written to a temporary directory and renamed, so a half-written one is never loaded
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from xinzhou.config import ModelConfig, preset
+from xinzhou.data import PackedLoader
+from xinzhou.hf import CheckpointError, replace_dir, load_hf, write_hf
+from xinzhou.model import XinzhouLM
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    data: str  # shard directory (data.write_shards)
+    out_dir: str
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per rank per micro-step
+    grad_accum: int = 1
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    init_from: str | None = None  # a checkpoint directory to start from (SFT after pretraining)
+    tokenizer: str | None = None  # tokenizer.json copied into every checkpoint
+    progress: bool = True
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def run_info(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    import safetensors
+    import tokenizers
+    return dict(model=model_cfg.to_dict(), train=dataclasses.asdict(cfg), git_commit=commit or None,
+                versions=dict(python=platform.python_version(), torch=torch.__version__,
+                              numpy=np.__version__, safetensors=safetensors.__version__,
+                              tokenizers=tokenizers.__version__),
+                world_size=dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def check_compatible(ckpt_cfg: ModelConfig, model_cfg: ModelConfig, where: Path) -> None:
+    diff = {f.name: (getattr(ckpt_cfg, f.name), getattr(model_cfg, f.name)) for f in dataclasses.fields(ModelConfig)
+            if getattr(ckpt_cfg, f.name) != getattr(model_cfg, f.name) and f.name != "lm_head_fp32"}
+    if diff:
+        raise CheckpointError(f"{where}: incompatible checkpoint: " + ", ".join(
+            f"{k} is {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+    return model.state_dict(), opt.state_dict()
+
+
+def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, model_cfg: ModelConfig,
+                    step: int, loader: PackedLoader) -> None:
+    model_sd, opt_sd = _full_state(model, opt)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return
+    out = Path(cfg.out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.tmp-", dir=out))
+    try:
+        write_hf(model_sd, model_cfg, tmp)
+        torch.save(dict(step=step, optimizer=opt_sd, distributed=dist.is_initialized(), loader=loader.state_dict(),
+                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())),
+                   tmp / "trainer_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if cfg.tokenizer:
+            shutil.copy(Path(cfg.tokenizer), tmp / "tokenizer.json")
+        replace_dir(tmp, out / "ckpt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
+    """Train to cfg.steps (resuming from out_dir/ckpt when it is there); returns the checkpoint dir."""
+    rank, world, device = _setup_distributed()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "ckpt"
+    torch.manual_seed(cfg.seed)
+
+    resume = (ckpt / "trainer_state.pt").exists()
+    source = ckpt if resume else (Path(cfg.init_from) if cfg.init_from else None)
+    if source is not None:
+        model = load_hf(source, device=device)
+        if model_cfg is not None:
+            check_compatible(model.config, model_cfg, source)
+    elif model_cfg is not None:
+        model = XinzhouLM(model_cfg).to(device)
+    else:
+        raise ValueError("train() needs a model config or an init_from checkpoint")
+    model_cfg = model.config
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    loader = PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, rank, world, cfg.seed)
+    if loader.meta["vocab_size"] > model_cfg.vocab_size:
+        raise ValueError(f"{cfg.data}: tokens up to {loader.meta['vocab_size']} but the model's vocab is "
+                         f"{model_cfg.vocab_size}")
+    start = 0
+    if resume:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        if state["distributed"] != (world > 1):
+            raise CheckpointError(f"{ckpt}: optimizer state was saved with world_size "
+                                  f"{'>1' if state['distributed'] else '1'}; resume with the same")
+        if world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        start = state["step"]
+
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        (out / "run.json").write_text(json.dumps(run_info(model_cfg, cfg), indent=2, default=str))
+        rows = [r for r in _read_metrics(metrics_path) if r["step"] < start] if start else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop steps after the checkpoint
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        import sys
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step",
+                   mininterval=0.5 if sys.stderr.isatty() else 15.0)
+    model.train()
+    t0, tokens_seen = time.time(), 0
+    for step in range(start, cfg.steps):
+        batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        n_local = sum(int((y != -100).sum()) for _, y in batches)
+        counts = torch.tensor([float(n_local)])
+        if world > 1:
+            dist.all_reduce(counts)
+        n_global = max(counts.item(), 1.0)
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ce_sum, aux_sum = 0.0, 0.0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            n = int((y != -100).sum())
+            with autocast:
+                _, ce, aux = model(x, y, return_parts=True)
+            # sum of token losses over the global count; FSDP averages gradients over ranks, so * world
+            ce_part = ce * n / n_global * world if n else ce * 0.0
+            (ce_part + model_cfg.router_aux_loss_coef * aux / cfg.grad_accum).backward()
+            ce_sum += ce.item() * n
+            aux_sum += aux.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = torch.tensor([ce_sum, aux_sum / cfg.grad_accum])
+        if world > 1:
+            dist.all_reduce(stats)
+        ce_mean, aux_mean = stats[0].item() / n_global, stats[1].item() / world
+        tokens_seen += int(n_global)
+        if rank == 0:
+            row = dict(step=step, loss=ce_mean + model_cfg.router_aux_loss_coef * aux_mean, ce=ce_mean, aux=aux_mean,
+                       lr=lr, grad_norm=grad_norm, tokens=int(n_global),
+                       tok_per_s=tokens_seen / max(time.time() - t0, 1e-9))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if bar is not None:
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    bar.set_postfix(loss=f"{ce_mean:.4f}", lr=f"{lr:.2e}")
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(model, opt, cfg, model_cfg, step + 1, loader)
+    if bar is not None:
+        bar.close()
+    if start < cfg.steps or not resume:
+        save_checkpoint(model, opt, cfg, model_cfg, cfg.steps, loader)
+    if rank == 0:
+        plot_metrics(metrics_path, out / "loss.png", title=out.name)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return ckpt
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything before it is good
+    return rows
+
+
+def plot_metrics(metrics_path: Path, png: Path, title: str = "") -> None:
+    rows = _read_metrics(metrics_path)
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot([r["step"] for r in rows], [r["ce"] for r in rows])
+    a.set(xlabel="step", ylabel="cross-entropy", title=f"{title} loss", yscale="log")
+    b.plot([r["step"] for r in rows], [r["lr"] for r in rows])
+    b.set(xlabel="step", ylabel="learning rate")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="xinzhou pretraining / SFT")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default=None, help="model preset for a fresh model (tiny, small, ...)")
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--init-from", default=None)
+    p.add_argument("--tokenizer", default=None)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "out_dir", "init_from", "tokenizer", "progress"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(data=args.data, out_dir=args.out, init_from=args.init_from, tokenizer=args.tokenizer,
+                      **{k: v for k, v in vars(args).items() if k in fields and k not in ("data", "init_from", "tokenizer")})
+    model_cfg = None
+    if args.preset:
+        model_cfg = preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    train(model_cfg, cfg)
+
+
+if __name__ == "__main__":
+    main()
