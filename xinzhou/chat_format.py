@@ -15,7 +15,8 @@ is accepted but not rendered: M2 pairs results with calls by order). As in M2's 
 "\n" separates the content from `<minimax:tool_call>`. Markers are inserted as special-token ids;
 every text piece goes through `Tokenizer.encode`, which never yields a special id, so user text
 spelling `<think>` stays text. Thinking is kept only for assistant messages after the last user
-message. `loss_mask` is 1 on what the model produces in assistant turns (from `<think>`, or the
+message; such a message with no reasoning gets an empty `<think>\n\n</think>\n\n` (M2's template
+writes none) so that the generation prompt is a prefix of every trained turn. `loss_mask` is 1 on what the model produces in assistant turns (from `<think>`, or the
 content, through `[e~[`), older turns included.
 
 Parsing (`parse_assistant`, `StreamParser`) reads text generated after the generation prompt:
@@ -173,7 +174,10 @@ def _pieces(
             calls = m.get("tool_calls") or []
             special(ROLE)
             text("ai\n")
-            if reasoning and i > last_user:
+            if i > last_user:
+                # an empty think block too (M2's template writes none): the generation prompt ends
+                # with "<think>\n", so every trained turn must start that way or the model learns
+                # answers it is never prompted for
                 special(THINK_OPEN, 1)
                 text("\n", 1)  # its own piece: the generation prompt ends with this token
                 text(reasoning + "\n", 1)
