@@ -229,16 +229,26 @@ def test_loss_mask_covers_exactly_assistant_output(tok: Tokenizer) -> None:
             spans.append(tok.decode(cur))
             cur = []
     assert not cur  # the generation prompt is not trained on
-    assert spans == [
+    # older turns are history (thinking dropped): not trained; the current turn is
+    history = [
         "Let me check.\n<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
         "<parameter name=\"city\">Paris</parameter>\n<parameter name=\"days\">3</parameter>\n"
         "</invoke>\n<invoke name=\"get_weather\">\n<parameter name=\"city\">Rome</parameter>\n"
         "<parameter name=\"days\">1</parameter>\n</invoke>\n</minimax:tool_call>[e~[",
         "Paris 21C, Rome 25C.[e~[",
+    ]
+    current = [
         "<think>\nUse search.\n</think>\n\n\n<minimax:tool_call>\n<invoke name=\"search\">\n"
         "<parameter name=\"query\">news</parameter>\n<parameter name=\"tags\">[\"ai\", \"m2\"]"
         "</parameter>\n</invoke>\n</minimax:tool_call>[e~[",
     ]
+    assert spans == current
+    # keep_all_thinking renders and trains every assistant turn as it was generated
+    r = render(CONVERSATION, tok, tools=TOOLS, keep_all_thinking=True)
+    trained = tok.decode([i for i, m in zip(r.ids, r.loss_mask) if m])
+    for h in history:
+        assert h.removesuffix("[e~[").split("\n<minimax:tool_call>")[0] in trained
+    assert trained.count("<think>") == sum(1 for m in CONVERSATION if m["role"] == "assistant")
 
 
 def test_generation_prompt_is_a_prefix_of_the_trained_turn(tok: Tokenizer) -> None:

@@ -46,7 +46,7 @@ def test_forms_agree_forward(T, with_state):
     assert rel(o_r, o_n) < 1e-5 and rel(s_r, s_n) < 1e-5
 
 
-@pytest.mark.parametrize("T", [1, 63, 100])
+@pytest.mark.parametrize("T", [1, 63, 100, 257])
 def test_forms_agree_gradients(T):
     q, k, v, slopes, s0 = inputs(1, T, 2, 8, seed=100 + T, with_state=True)
     g = torch.Generator().manual_seed(7)

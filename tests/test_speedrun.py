@@ -26,3 +26,22 @@ def test_speedrun_pipeline_end_to_end(tmp_path):
     assert model.config.vocab_size == tok.vocab_size and model.config.eos_token_id == tok.eos_id
     sft_rows = (out / "sft" / "metrics.jsonl").read_text().splitlines()
     assert len(sft_rows) == 3 and torch.isfinite(torch.tensor(json.loads(sft_rows[-1])["loss"]))
+
+
+def test_data_command_builds_shards_from_user_files(tmp_path):
+    from xinzhou.cli import main
+    from xinzhou.data import PackedLoader
+    from xinzhou.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello world " * 5, "the heart-boat sails"] * 20, vocab_size=300)
+    tok_path = tok.save(tmp_path / "tok")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello world\n\nthe heart-boat sails")
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    main(["data", str(corpus), "--tokenizer", str(tok_path), "--out", str(tmp_path / "sh"), "--paragraphs"])
+    meta = json.loads((tmp_path / "sh" / "meta.json").read_text())
+    assert meta["n_docs"] == 4  # two paragraphs, one text record, one chat record
+    x, y = PackedLoader(tmp_path / "sh", seq_len=64, batch_size=1).next_batch()
+    assert (y != -100).sum() > 0

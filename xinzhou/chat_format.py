@@ -16,8 +16,10 @@ is accepted but not rendered: M2 pairs results with calls by order). As in M2's 
 every text piece goes through `Tokenizer.encode`, which never yields a special id, so user text
 spelling `<think>` stays text. Thinking is kept only for assistant messages after the last user
 message; such a message with no reasoning gets an empty `<think>\n\n</think>\n\n` (M2's template
-writes none) so that the generation prompt is a prefix of every trained turn. `loss_mask` is 1 on what the model produces in assistant turns (from `<think>`, or the
-content, through `[e~[`), older turns included.
+writes none) so that the generation prompt is a prefix of every trained turn. `loss_mask` is 1 on
+what the model produces in those turns (from `<think>` through `[e~[`); older turns are history,
+rendered without thinking and not trained, unless `keep_all_thinking=True` renders (and trains)
+every assistant turn as it was generated.
 
 Parsing (`parse_assistant`, `StreamParser`) reads text generated after the generation prompt:
 it starts inside the thinking (`thinking_open=True`; an opening `<think>` is also accepted) or,
@@ -105,9 +107,10 @@ def render(
     tokenizer: Tokenizer,
     tools: Sequence[Tool] | None = None,
     add_generation_prompt: bool = False,
+    keep_all_thinking: bool = False,
 ) -> Rendered:
     """Token ids and loss mask of a conversation in the M2 format."""
-    pieces = _pieces(messages, tools, add_generation_prompt)
+    pieces = _pieces(messages, tools, add_generation_prompt, keep_all_thinking)
     encoded = iter(tokenizer.encode_batch([p.text for p in pieces if not p.special]))
     ids: list[int] = []
     mask: list[int] = []
@@ -122,13 +125,15 @@ def render_text(
     messages: Sequence[Message],
     tools: Sequence[Tool] | None = None,
     add_generation_prompt: bool = False,
+    keep_all_thinking: bool = False,
 ) -> str:
     """The rendered conversation as text (markers spelled out); for debugging and tests."""
-    return "".join(p.text for p in _pieces(messages, tools, add_generation_prompt))
+    return "".join(p.text for p in _pieces(messages, tools, add_generation_prompt, keep_all_thinking))
 
 
 def _pieces(
-    messages: Sequence[Message], tools: Sequence[Tool] | None, add_generation_prompt: bool
+    messages: Sequence[Message], tools: Sequence[Tool] | None, add_generation_prompt: bool,
+    keep_all_thinking: bool = False,
 ) -> list[_Piece]:
     out: list[_Piece] = []
 
@@ -174,24 +179,28 @@ def _pieces(
             calls = m.get("tool_calls") or []
             special(ROLE)
             text("ai\n")
-            if i > last_user:
-                # an empty think block too (M2's template writes none): the generation prompt ends
-                # with "<think>\n", so every trained turn must start that way or the model learns
-                # answers it is never prompted for
+            # Turns after the last user message keep their thinking (an empty block when there is
+            # none, unlike M2's template, because the generation prompt ends with "<think>\n" and
+            # every trained turn must start the way generation does). Older turns are history:
+            # thinking dropped and not trained, unless keep_all_thinking renders every turn as it
+            # was generated (SFT conversations with several questions).
+            think = i > last_user or keep_all_thinking
+            train = 1 if think else 0
+            if think:
                 special(THINK_OPEN, 1)
                 text("\n", 1)  # its own piece: the generation prompt ends with this token
                 text(reasoning + "\n", 1)
                 special(THINK_CLOSE, 1)
                 content = "\n\n" + content
             if calls:
-                text(content + "\n", 1)
-                special(TOOL_CALL_OPEN, 1)
+                text(content + "\n", train)
+                special(TOOL_CALL_OPEN, train)
                 text("\n" + "".join(_invoke(c, f"{where}.tool_calls[{j}]")
-                                    for j, c in enumerate(calls)), 1)
-                special(TOOL_CALL_CLOSE, 1)
+                                    for j, c in enumerate(calls)), train)
+                special(TOOL_CALL_CLOSE, train)
             else:
-                text(content, 1)
-            special(EOS, 1)
+                text(content, train)
+            special(EOS, train)
             text("\n")
         elif role == "tool":
             prev = msgs[i - 1] if i > 0 else {}

@@ -3,6 +3,8 @@
     xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT -> capability report (CPU, tiny)
     xinzhou speedrun --preset small       # the same at the 306.8M shape (GPU)
     xinzhou eval runs/speedrun/sft/ckpt   # capability report of any checkpoint with a tokenizer.json
+    xinzhou data corpus/ --tokenizer runs/speedrun/tokenizer/tokenizer.json --out data/mine
+                                          # user files (txt, jsonl, parquet) -> shards for xinzhou.train
 
 A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
 loss.png and ckpt/), report.md and levels.png. The final checkpoint is sft/ckpt: a Hugging Face
@@ -24,7 +26,7 @@ import torch
 from xinzhou import tasks
 from xinzhou.chat_format import render_text
 from xinzhou.config import ModelConfig, preset
-from xinzhou.data import tokenize_docs, write_shards
+from xinzhou.data import read_corpus, tokenize_docs, write_shards
 from xinzhou.evals import capability_report, plot_levels, report_markdown
 from xinzhou.hf import load_hf
 from xinzhou.tokenizer import Tokenizer, train_tokenizer
@@ -90,11 +92,13 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
         k = r.tool_turns if family == "tools" else 1
         for i in range(0, len(samples), k):  # several questions share one conversation
             group = samples[i:i + k]
-            sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools))
+            # every turn keeps the thinking it was generated with, and is trained
+            sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools,
+                            keep_all_thinking=True))
     random.Random(seed).shuffle(sft)
 
     _log(f"2/5 tokenizer: byte-level BPE, vocab {r.vocab_size}")
-    chat_texts = [render_text(c["messages"], c["tools"]) for c in sft[:3000]]
+    chat_texts = [render_text(c["messages"], c["tools"], keep_all_thinking=True) for c in sft[:3000]]
     tok = train_tokenizer(pretrain_texts + chat_texts, r.vocab_size)
     tok_path = tok.save(out_dir / "tokenizer")
     tok = Tokenizer.load(tok_path)
@@ -152,8 +156,19 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("ckpt")
     e.add_argument("--out", default=None)
     e.add_argument("-n", type=int, default=200)
+    d = sub.add_parser("data", help="tokenize corpora (txt, jsonl, parquet files or folders) into packed shards")
+    d.add_argument("inputs", nargs="+")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder with one)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--paragraphs", action="store_true", help=".txt: one document per blank-line-separated paragraph")
     args = p.parse_args(argv)
-    if args.cmd == "speedrun":
+    if args.cmd == "data":
+        tok = Tokenizer.load(args.tokenizer)
+        items = (doc for path in args.inputs for doc in read_corpus(path, args.paragraphs))
+        out = write_shards(tokenize_docs(items, tok), args.out, tok.vocab_size, source=" ".join(args.inputs))
+        meta = json.loads((out / "meta.json").read_text())
+        _log(f"{out}: {meta['n_docs']} documents, {meta['n_tokens']} tokens")
+    elif args.cmd == "speedrun":
         speedrun(args.preset, args.out, args.seed)
     elif args.cmd == "eval":
         ckpt = Path(args.ckpt)

@@ -102,7 +102,8 @@ def _record(rec: object, where: str) -> str | dict:
 
 
 def tokenize_docs(items: Iterable[str | dict], tokenizer) -> Iterator[Doc]:
-    """Plain text -> bos + text + eos, all learned; chat -> chat_format render with its loss mask."""
+    """Plain text -> bos + text + eos, all learned; chat -> chat_format render with its loss mask
+    (an item's "keep_all_thinking" renders and trains every assistant turn with its thinking)."""
     from xinzhou.chat_format import render
 
     for item in items:
@@ -110,7 +111,8 @@ def tokenize_docs(items: Iterable[str | dict], tokenizer) -> Iterator[Doc]:
             ids = [tokenizer.bos_id, *tokenizer.encode(item), tokenizer.eos_id]
             yield ids, [0] + [1] * (len(ids) - 1)
         else:
-            r = render(item["messages"], tokenizer, tools=item.get("tools"))
+            r = render(item["messages"], tokenizer, tools=item.get("tools"),
+                       keep_all_thinking=item.get("keep_all_thinking", False))
             yield list(r.ids), list(r.loss_mask)
 
 

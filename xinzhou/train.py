@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from xinzhou.config import ModelConfig, preset
 from xinzhou.data import PackedLoader
-from xinzhou.hf import CheckpointError, replace_dir, load_hf, write_hf
+from xinzhou.hf import CheckpointError, config_from_hf, config_to_hf, load_hf, replace_dir, write_hf
 from xinzhou.model import XinzhouLM
 
 
@@ -88,8 +88,11 @@ def run_info(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
 
 
 def check_compatible(ckpt_cfg: ModelConfig, model_cfg: ModelConfig, where: Path) -> None:
-    diff = {f.name: (getattr(ckpt_cfg, f.name), getattr(model_cfg, f.name)) for f in dataclasses.fields(ModelConfig)
-            if getattr(ckpt_cfg, f.name) != getattr(model_cfg, f.name) and f.name != "lm_head_fp32"}
+    """The requested model must be the checkpoint's, as far as a checkpoint can say: compare both
+    through the checkpoint's config.json (runtime choices such as lm_head_fp32 are not stored)."""
+    requested = config_from_hf(config_to_hf(model_cfg))
+    diff = {f.name: (getattr(ckpt_cfg, f.name), getattr(requested, f.name)) for f in dataclasses.fields(ModelConfig)
+            if getattr(ckpt_cfg, f.name) != getattr(requested, f.name) and f.name != "lm_head_fp32"}
     if diff:
         raise CheckpointError(f"{where}: incompatible checkpoint: " + ", ".join(
             f"{k} is {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
@@ -156,7 +159,8 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
     resume = (ckpt / "trainer_state.pt").exists()
     source = ckpt if resume else (Path(cfg.init_from) if cfg.init_from else None)
     if source is not None:
-        model = load_hf(source, device=device)
+        runtime = {} if model_cfg is None else {"lm_head_fp32": model_cfg.lm_head_fp32}
+        model = load_hf(source, device=device, **runtime)
         if model_cfg is not None:
             check_compatible(model.config, model_cfg, source)
     elif model_cfg is not None:
@@ -251,7 +255,7 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
             if bar is not None:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    bar.set_postfix(loss=f"{ce_mean:.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{ce_mean:.4f}", lr=f"{lr:.2e}", refresh=False)
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(model, opt, cfg, model_cfg, step + 1, loader)
     if bar is not None:
