@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
 
 import torch
+from timing import time_ms  # benchmarks/timing.py (scripts run from their folder)
 
 D = 128
 SEQ_LENS = (2048, 8192, 32768, 131072)
@@ -27,26 +27,12 @@ BATCH_HEADS = ((1, 16), (4, 32))
 DECODE_BATCHES = (1, 64, 256)
 DECODE_HEADS = 16
 DEVICE = "cuda"
+CUDA = torch.device("cuda")
 SDPA_MAX_T = 32768  # SDPA causal at 128K takes ~0.5 s per fwd+bwd for B=1, H=16: not worth the minutes
 
 
 def alibi_slopes(H: int, device: str) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], device=device)
-
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def reps_for(T: int, B: int, H: int) -> tuple[int, int]:
@@ -71,7 +57,7 @@ def fwd_and_fwdbwd(attn: Callable, q, k, v, do, warmup: int, reps: int) -> tuple
         o = attn(q, k, v)
         torch.autograd.grad(o, (q, k, v), do)
 
-    return cuda_time_ms(fwd, warmup, reps), cuda_time_ms(fwd_bwd, warmup, reps)
+    return time_ms(fwd, warmup, reps, CUDA), time_ms(fwd_bwd, warmup, reps, CUDA)
 
 
 def guarded(fn: Callable[[], tuple[float, float]], any_error: bool = False) -> tuple[float, float] | str:
@@ -132,7 +118,7 @@ def bench_prefill(fla_chunk, seq_lens, batch_heads) -> list[dict]:
 def copy_bandwidth_bytes_per_ms() -> float:
     x = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
-    ms = cuda_time_ms(lambda: y.copy_(x), 5, 20)
+    ms = time_ms(lambda: y.copy_(x), 5, 20, CUDA)
     return 2 * x.numel() / ms  # read + write
 
 
@@ -148,13 +134,13 @@ def bench_decode(fla_recurrent, batches) -> list[dict]:
         state = torch.randn(B, H, D, D, device=DEVICE, dtype=torch.float32)
         floor_us = 1e3 * 2 * state.numel() * 4 / bandwidth
         row: dict = {"B": B, "H": H, "D": D, "floor_us": floor_us}
-        row["xinzhou_us"] = 1e3 * cuda_time_ms(lambda: lightning_decode(q, k, v, slopes, state, backend="triton"), 10, 100)
+        row["xinzhou_us"] = 1e3 * time_ms(lambda: lightning_decode(q, k, v, slopes, state, backend="triton"), 10, 100, CUDA)
         if fla_recurrent is None:
             row["fla_us"] = "fla not installed"
         else:
             q1, k1, v1 = (x[:, None] for x in (q, k, v))  # [B, 1, H, D]
-            fla_ms = guarded(lambda: (cuda_time_ms(lambda: fla_recurrent(
-                q1, k1, v1, g_gamma=-slopes, scale=1.0, initial_state=state, output_final_state=True), 10, 100),),
+            fla_ms = guarded(lambda: (time_ms(lambda: fla_recurrent(
+                q1, k1, v1, g_gamma=-slopes, scale=1.0, initial_state=state, output_final_state=True), 10, 100, CUDA),),
                 any_error=True)
             row["fla_us"] = 1e3 * fla_ms[0] if isinstance(fla_ms, tuple) else fla_ms
         rows.append(row)

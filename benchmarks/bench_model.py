@@ -35,17 +35,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timing import time_ms  # benchmarks/timing.py (scripts run from their folder)
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,27 +88,6 @@ PLANS = {
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
-    """Median milliseconds of fn: CUDA events on the GPU, perf_counter on the CPU (smoke only)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def free_memory(device: torch.device) -> None:
