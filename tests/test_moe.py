@@ -85,3 +85,17 @@ def test_experts_loop_is_the_swiglu_definition():
         return w2[e] @ (torch.nn.functional.silu(w1 @ x[0]) * (w3 @ x[0]))
 
     assert torch.allclose(y[0], 0.25 * expert(1) + 0.75 * expert(0), atol=1e-6)
+
+
+def test_grouped_path_under_autocast_computes_in_the_autocast_dtype():
+    E, K, N, C, F = 4, 2, 16, 16, 24
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, generator=g)
+    w13 = torch.randn(E, 2 * F, C, generator=g) * 0.3
+    w2 = torch.randn(E, C, F, generator=g) * 0.3
+    w, idx, _ = moe.route(torch.randn(N, E, generator=g), K, "softmax")
+    ref = moe.experts_loop(x, w13, w2, w, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe.experts_grouped(x, w13, w2, w, idx)
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), ref) < 3e-2  # bf16 rounding, not a different function

@@ -77,6 +77,8 @@ def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
     # torch's grouped_mm wants 16-byte aligned strides; fall back to a segment loop otherwise
     if not hasattr(F, "grouped_mm"):
         return False
+    if tensors[0].is_cuda and any(t.dtype != torch.bfloat16 for t in tensors):
+        return False  # the CUDA kernels take bf16 only
     return all(1 in t.stride() and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
                for t in tensors)
 
@@ -93,6 +95,9 @@ def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
                     indices: torch.Tensor) -> torch.Tensor:
     """Grouped path: sort the N*K routing slots by expert, two grouped GEMMs, weighted scatter-add."""
     N, K = indices.shape
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists: cast here
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w13, w2 = x.to(dt), w13.to(dt), w2.to(dt)
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots sorted by expert
     token = order // K
