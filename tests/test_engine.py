@@ -59,8 +59,13 @@ def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(model):
 def test_top_p_keeps_the_smallest_prefix():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    seen = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_p=0.7), g)) for _ in range(300)}
-    assert seen == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are never drawn
+    draws = [sample_next(logits, SamplingConfig(temperature=1.0, top_p=0.7), g) for _ in range(300)]
+    assert {int(t) for t, _ in draws} == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are never drawn
+    # log-probs are those of the distribution sampled from: 0.5 / 0.8 and 0.3 / 0.8
+    for t, lp in draws[:20]:
+        assert lp.item() == pytest.approx(torch.log(torch.tensor([0.625, 0.375]))[int(t)].item(), abs=1e-5)
+    tok, lp = sample_next(logits, SamplingConfig(temperature=1.0, top_k=1), g)
+    assert int(tok) == 0 and lp.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_empty_prompt_is_an_error(model):

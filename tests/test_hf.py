@@ -97,6 +97,19 @@ def test_original_minimax_text01_config():
     assert m2 == preset("m2").replace(bos_token_id=None, eos_token_id=None, max_position_embeddings=1 << 20)
 
 
+def test_declared_mtp_layers_are_skipped_and_undeclared_extra_layers_are_not(tmp_path):
+    model = m2_tiny()  # 2 layers; M2 stores its MTP modules as layers 2, 3, ...
+    save_hf(model, tmp_path / "ck")
+    state = load_file(tmp_path / "ck" / "model.safetensors")
+    state["model.layers.2.self_attn.q_proj.weight"] = torch.zeros(64, 32)
+    save_file(state, tmp_path / "ck" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no place for.*model\.layers\.2\.self_attn\.q_proj\.weight"):
+        load_hf(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg | {"num_mtp_modules": 1}))
+    assert torch.equal(logits(load_hf(tmp_path / "ck")), logits(model))
+
+
 def test_fp8_block_checkpoint_is_dequantised(tmp_path):
     model = m2_tiny()
     save_hf(model, tmp_path / "ck")

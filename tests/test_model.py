@@ -198,6 +198,27 @@ def test_chunked_prefill_and_slot_reset():
             assert torch.equal(s[1], before[i][1]) and not torch.equal(s[0], before[i][0])
         cache.reset_slot(0)
         assert all(s[0].abs().max() == 0 for s in cache.state.values()) and cache.pos[0] == 0
+        # a new prompt in slot 0 while slot 1 sits out a multi-token step: slot 1's state is untouched,
+        # slot 0 decodes its new prompt exactly as a fresh cache would
+        before = {i: s.clone() for i, s in cache.state.items()}
+        prompt = torch.randint(0, V, (1, 5))
+        got = model(torch.cat([prompt, prompt]), attention_mask=torch.tensor([[1] * 5, [0] * 5]), cache=cache)
+        for i, s in cache.state.items():
+            assert torch.equal(s[1], before[i][1])
+        fresh = HybridCache(model.config, 1)
+        lightning_only = [i for i in cache.state]
+        want = model(prompt, cache=fresh)
+        for i in lightning_only:
+            assert torch.allclose(cache.state[i][0], fresh.state[i][0], atol=1e-5)
+        assert torch.isfinite(got).all() and want.shape == (1, 5, V)
+        # left padding in a chunk with a non-zero state: the padding does not decay it
+        c1, c2 = HybridCache(model.config, 1), HybridCache(model.config, 1)
+        model(x[:1, :6], cache=c1)
+        model(x[:1, :6], cache=c2)
+        model(torch.cat([x[:1, :2], x[:1, 6:9]], 1), attention_mask=torch.tensor([[0, 0, 1, 1, 1]]), cache=c1)
+        model(x[:1, 6:9], cache=c2)
+        for i in c1.state:
+            assert torch.allclose(c1.state[i], c2.state[i], atol=1e-5)
 
 
 def test_loss_is_cross_entropy_plus_balance_and_trains():
@@ -217,6 +238,19 @@ def test_loss_is_cross_entropy_plus_balance_and_trains():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert model.layers[0].moe.gate.weight.grad.abs().sum() > 0  # the router learns through both terms
+
+
+def test_fp32_head_and_router_stay_fp32_under_autocast():
+    torch.manual_seed(4)
+    model = XinzhouLM(preset("tiny", vocab_size=V, lm_head_fp32=True))
+    x = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.float32
+    # the head ran in fp32 on bf16-rounded hidden states: close to the fp32 model, not bit-identical
+    assert max_diff(out, ref) < 0.05 * ref.abs().max().item()
 
 
 def test_fp32_head_tied_embeddings_and_bf16():

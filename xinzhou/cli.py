@@ -132,7 +132,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
 
 
 def report(ckpt: Path, out_dir: Path, n: int = 200) -> list:
-    model = load_hf(ckpt)
+    model = load_hf(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = Tokenizer.load(ckpt / "tokenizer.json")
     results = capability_report(model, tok, n=n)
     (out_dir / "report.md").write_text(

@@ -43,10 +43,13 @@ class TokenEvent:
     finish_reason: str | None  # set on a sequence's last token
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B]."""
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] float32 -> (token ids [B], their log-probabilities [B] under the distribution
+    actually sampled from: temperature, top-k and top-p applied; the plain log-softmax for greedy)."""
     if cfg.temperature <= 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     logits = logits / cfg.temperature
     if cfg.top_k > 0:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -57,8 +60,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logp = torch.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
 @torch.no_grad()
@@ -80,23 +84,24 @@ def stream(model: XinzhouLM, prompts: list[list[int]], cfg: SamplingConfig) -> I
     was_training = model.training
     model.eval()
     try:
-        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
-        alive = torch.ones(B, dtype=torch.bool, device=device)
-        stop = torch.tensor(cfg.stop_ids, device=device, dtype=torch.long)
+        logits = model(ids, attention_mask=mask, cache=cache, last_logits_only=True)[:, -1]
+        alive = [True] * B
+        stop = set(cfg.stop_ids)
         for step in range(cfg.max_new_tokens):
-            tok = sample_next(logits, cfg, generator)
-            logp = torch.log_softmax(logits / max(cfg.temperature, 1e-6) if cfg.temperature > 0 else logits, -1)
-            lp = logp.gather(-1, tok[:, None])[:, 0]
-            stopped = torch.isin(tok, stop) if len(cfg.stop_ids) else torch.zeros_like(alive)
+            tok, lp = sample_next(logits, cfg, generator)
             last = step == cfg.max_new_tokens - 1
-            for i in alive.nonzero()[:, 0].tolist():
-                reason = "stop" if stopped[i] else ("length" if last else None)
-                yield TokenEvent(i, int(tok[i]), float(lp[i]), reason)
-            alive = alive & ~stopped
-            if last or not alive.any():
+            for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):  # one host sync per step
+                if not alive[i]:
+                    continue
+                reason = "stop" if t in stop else ("length" if last else None)
+                alive[i] = t not in stop
+                yield TokenEvent(i, t, l, reason)
+            if last or not any(alive):
                 break
-            # finished sequences keep decoding as padding (their state is left untouched)
-            logits = model(tok[:, None], attention_mask=alive[:, None].long(), cache=cache)[:, -1]
+            # finished sequences keep decoding as padding (their state is left untouched); while
+            # all are alive no mask is needed, which keeps the fused decode kernels in use
+            step_mask = None if all(alive) else torch.tensor(alive, device=device)[:, None].long()
+            logits = model(tok[:, None], attention_mask=step_mask, cache=cache, last_logits_only=True)[:, -1]
     finally:
         model.train(was_training)
 

@@ -7,7 +7,8 @@ Reads model types `minimax`, `minimax_text_01`, `minimax_m1` (hybrid) and `minim
 original naming (`block_sparse_moe.experts.{e}.w1/w2/w3`, `attn_type_list`) or transformers 5.x
 naming (`mlp.experts.gate_up_proj/down_proj`, `layer_types`). Writes the original naming, which is
 what transformers' `save_pretrained` writes and vLLM/SGLang read. Block-FP8 weights (M2's release:
-`weight_scale_inv`, 128x128 blocks) are dequantised on load. Shards are read one tensor at a time
+`weight_scale_inv`, 128x128 blocks) are dequantised on load; its multi-token-prediction modules
+(`num_mtp_modules`, stored as extra layers) are not loaded. Shards are read one tensor at a time
 straight into the model's parameters, so loading never holds two copies of the weights.
 """
 
@@ -184,6 +185,15 @@ def _canonical(key: str) -> str:
 
 # ----------------------------------------------------------------------------- load
 
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _is_mtp(key: str, num_layers: int, n_mtp: int) -> bool:
+    """Multi-token-prediction modules declared by `num_mtp_modules`: stored as layers
+    [num_layers, num_layers + n_mtp) (as vLLM and SGLang read them)."""
+    m = LAYER_KEY.match(key)
+    return m is not None and num_layers <= int(m[1]) < num_layers + n_mtp
+
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -224,6 +234,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
     cfg = config_from_hf(hf_cfg, str(cfg_file)).replace(**overrides)
     quant = hf_cfg.get("quantization_config") or {}
     fp8_block = quant.get("weight_block_size") if quant.get("quant_method") == "fp8" else None
+    n_mtp = int(hf_cfg.get("num_mtp_modules") or 0)  # M2 ships 3; inference does not use them
 
     with torch.device("meta"):
         model = XinzhouLM(cfg)
@@ -250,8 +261,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
     for f in files:
         with safe_open(f, framework="pt") as sf:
             for key in sf.keys():
-                if DERIVED.search(key) or key.endswith("weight_scale_inv") or "mtp" in key:
-                    continue  # recomputed, consumed with their weight, or multi-token-prediction heads
+                if DERIVED.search(key) or key.endswith("weight_scale_inv") or _is_mtp(key, cfg.num_layers, n_mtp):
+                    continue  # recomputed, consumed with their weight, or multi-token-prediction modules
                 shape = sf.get_slice(key).get_shape()
 
                 def read() -> torch.Tensor:

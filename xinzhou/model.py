@@ -111,10 +111,21 @@ class LightningAttention(nn.Module):
                 o, new = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, state)
                 state.copy_(torch.where(token_mask[:, 0, None, None, None], new, state))
                 o = o[:, None]
-        else:
+        elif token_mask is None or bool(token_mask.all()):
             o, cache.state[self.layer] = lightning_attention(
                 q, k, v, slopes, initial_state=cache.state[self.layer], output_final_state=True,
                 block_size=self.block_size)
+        else:  # padded chunk: run each slot on its real (left-padded) tokens, so padding never decays a state
+            state = cache.state[self.layer]
+            o = torch.zeros_like(v)
+            for b, n in enumerate(token_mask.sum(1).tolist()):
+                if n == 0:
+                    continue
+                if not bool(token_mask[b, T - n:].all()):
+                    raise ValueError(f"attention_mask row {b}: padding must be on the left (before every token)")
+                o[b:b + 1, T - n:], state[b:b + 1] = lightning_attention(
+                    q[b:b + 1, T - n:], k[b:b + 1, T - n:], v[b:b + 1, T - n:], slopes,
+                    initial_state=state[b:b + 1], output_final_state=True, block_size=self.block_size)
         o = self.norm(o.reshape(B, T, self.H * self.D))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * o)
 
@@ -167,7 +178,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         flat = x.reshape(B * T, C)
-        weights, indices, probs = moe_ops.route(self.gate(flat), self.k, self.kind, self.correction_bias)
+        with torch.autocast(x.device.type, enabled=False):  # the router in fp32, as MiniMax does
+            logits = F.linear(flat.float(), self.gate.weight.float())
+        weights, indices, probs = moe_ops.route(logits, self.k, self.kind, self.correction_bias)
         experts = moe_ops.experts_grouped if self.impl == "grouped" else moe_ops.experts_loop
         y = experts(flat, self.w13, self.w2, weights, indices)
         mask = None if token_mask is None else token_mask.reshape(-1)
@@ -248,11 +261,12 @@ class XinzhouLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: HybridCache | None = None, return_parts: bool = False
+                cache: HybridCache | None = None, return_parts: bool = False, last_logits_only: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = left padding); position_ids [B, T].
-        Without targets: float32 logits [B, T, V]. With targets [B, T] (-100 = ignore): the loss
-        CE + router_aux_loss_coef * balance loss, or (loss, ce, aux) with return_parts."""
+        Without targets: float32 logits [B, T, V] ([B, 1, V] with last_logits_only). With targets
+        [B, T] (-100 = ignore): the loss CE + router_aux_loss_coef * balance loss, or (loss, ce, aux)
+        with return_parts."""
         cfg = self.config
         B, T = input_ids.shape
         token_mask = None if attention_mask is None else attention_mask.bool()
@@ -278,8 +292,14 @@ class XinzhouLM(nn.Module):
             cache.length += T
             cache.pos += T if token_mask is None else token_mask.long().sum(1)
 
+        if last_logits_only:  # prefill: only the next token's distribution is needed
+            x = x[:, -1:]
         w = self.head_weight()
-        logits = F.linear(x.float(), w.float()) if cfg.lm_head_fp32 else F.linear(x, w).float()  # [B, T, V]
+        if cfg.lm_head_fp32:  # outside autocast, or it would run in bf16 anyway
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), w.float())  # [B, T, V]
+        else:
+            logits = F.linear(x, w).float()  # [B, T, V]
         if targets is None:
             return logits
         ce = F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)

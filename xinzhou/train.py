@@ -219,7 +219,7 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
     for step in range(start, cfg.steps):
         batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
         n_local = sum(int((y != -100).sum()) for _, y in batches)
-        counts = torch.tensor([float(n_local)])
+        counts = torch.tensor([float(n_local)], device=device)  # NCCL reduces device tensors only
         if world > 1:
             dist.all_reduce(counts)
         n_global = max(counts.item(), 1.0)
@@ -235,13 +235,14 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
             # sum of token losses over the global count; FSDP averages gradients over ranks, so * world
             ce_part = ce * n / n_global * world if n else ce * 0.0
             (ce_part + model_cfg.router_aux_loss_coef * aux / cfg.grad_accum).backward()
-            ce_sum += ce.item() * n
+            if n:  # a micro-batch with no target tokens has ce = nan and adds nothing
+                ce_sum += ce.item() * n
             aux_sum += aux.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats = torch.tensor([ce_sum, aux_sum / cfg.grad_accum])
+        stats = torch.tensor([ce_sum, aux_sum / cfg.grad_accum], device=device)
         if world > 1:
             dist.all_reduce(stats)
         ce_mean, aux_mean = stats[0].item() / n_global, stats[1].item() / world
