@@ -240,6 +240,25 @@ def test_loss_is_cross_entropy_plus_balance_and_trains():
     assert model.layers[0].moe.gate.weight.grad.abs().sum() > 0  # the router learns through both terms
 
 
+def test_routing_bias_stays_fp32_and_load_is_counted_in_training_only():
+    torch.manual_seed(5)
+    model = XinzhouLM(decode_config("m2"))
+    bias = torch.randn(4) * 1e-3 + 0.1234567  # not representable in bf16
+    model.layers[0].moe.correction_bias.copy_(bias)
+    model = model.to(torch.bfloat16)
+    moe = model.layers[0].moe
+    assert moe.correction_bias.dtype == torch.float32 and torch.equal(moe.correction_bias, bias)
+    assert "layers.0.moe.expert_load" not in model.state_dict()  # a running count, not a weight
+    x = torch.randint(0, V, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert moe.expert_load.sum() == 0
+    model.train()
+    model(x)
+    assert moe.expert_load.sum().item() == 2 * 7 * model.config.experts_per_token
+
+
 def test_fp32_head_and_router_stay_fp32_under_autocast():
     torch.manual_seed(4)
     model = XinzhouLM(preset("tiny", vocab_size=V, lm_head_fp32=True))

@@ -99,3 +99,10 @@ def test_grouped_path_under_autocast_computes_in_the_autocast_dtype():
         y = moe.experts_grouped(x, w13, w2, w, idx)
     assert y.dtype == torch.bfloat16
     assert rel(y.float(), ref) < 3e-2  # bf16 rounding, not a different function
+
+
+def test_correction_bias_update_moves_toward_even_load():
+    bias = torch.zeros(4)
+    moe.update_correction_bias(bias, torch.tensor([10.0, 2.0, 4.0, 0.0]), rate=0.01)
+    # mean load 4: over-loaded experts go down, under-loaded up, an expert at the mean stays
+    assert bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.01])

@@ -123,6 +123,25 @@ def test_half_written_checkpoint_is_never_loaded(shard, tmp_path, monkeypatch):
     assert state["step"] == 2
 
 
+def test_sigmoid_router_bias_is_nudged_toward_balance(shard, tmp_path):
+    # M2-style model with a router that starts heavily skewed toward expert 0
+    model_cfg = preset("tiny", vocab_size=V, layer_types=("softmax", "softmax"), router="sigmoid", qk_norm=True,
+                       residual="prenorm", router_aux_loss_coef=0.0)
+    init = tmp_path / "init"
+    from xinzhou.hf import save_hf
+    from xinzhou.model import XinzhouLM
+    torch.manual_seed(0)
+    model = XinzhouLM(model_cfg)
+    with torch.no_grad():
+        for block in model.layers:
+            block.moe.correction_bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    save_hf(model, init)
+    train(model_cfg, cfg(shard, tmp_path / "run", steps=6, init_from=str(init), bias_update_rate=0.01))
+    bias = load_hf(tmp_path / "run" / "ckpt").layers[0].moe.correction_bias
+    assert bias[0].item() == pytest.approx(0.5 - 6 * 0.01)  # over-loaded every step: lowered each time
+    assert (bias[1:] > 0).all()
+
+
 def test_incompatible_checkpoint_is_named(shard, tmp_path):
     train(preset("tiny", vocab_size=V), cfg(shard, tmp_path / "a", steps=1))
     with pytest.raises(CheckpointError, match=r"incompatible checkpoint: hidden_size is 64 there, 96 here"):

@@ -238,11 +238,11 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
 
     with torch.device("meta"):
         model = XinzhouLM(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # the routing bias stays fp32 (MoE._apply)
     for block in model.layers:
-        if block.moe.correction_bias is not None:  # routing bias stays fp32
-            block.moe.correction_bias = torch.empty(cfg.num_experts, dtype=torch.float32, device=device)
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+        if block.moe.expert_load is not None:  # not in checkpoints: a running count, starts at zero
+            block.moe.expert_load.zero_()
+    params = model.state_dict(keep_vars=True)  # parameters and persistent buffers, by our names
     plain = _plain_names(cfg)
     filled: dict[str, torch.Tensor] = {name: torch.zeros(t.shape[0] if name.endswith(("w13", "w2")) else 1,
                                                          2 if name.endswith("w13") else 1, dtype=torch.bool)

@@ -171,9 +171,20 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, cfg.hidden_size, cfg.expert_dim))
         if cfg.router == "sigmoid":  # M2: steers the choice only; nudged toward balance, not trained
             self.register_buffer("correction_bias", torch.zeros(E, dtype=torch.float32))
+            # routing slots per expert since the last bias update (train.py reads and resets it)
+            self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
         else:
-            self.correction_bias = None
+            self.correction_bias = self.expert_load = None
         self.impl = "grouped"  # or "loop": the reference, for parity tests
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+        # .to(bf16) must move the routing bias and load counts but keep them fp32
+        kept = {n: self._buffers[n] for n in ("correction_bias", "expert_load") if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            self._buffers[name] = new.float() if old.is_meta or new.is_meta else old.to(new.device)
+        return out
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -184,7 +195,10 @@ class MoE(nn.Module):
         experts = moe_ops.experts_grouped if self.impl == "grouped" else moe_ops.experts_loop
         y = experts(flat, self.w13, self.w2, weights, indices)
         mask = None if token_mask is None else token_mask.reshape(-1)
-        return y.view(B, T, C), moe_ops.balance_stats(probs, indices, self.gate.out_features, mask)
+        stats = moe_ops.balance_stats(probs, indices, self.gate.out_features, mask)
+        if self.training and self.expert_load is not None:
+            self.expert_load += stats[0].detach()
+        return y.view(B, T, C), stats
 
 
 class Block(nn.Module):

@@ -40,6 +40,7 @@ from xinzhou.config import ModelConfig, preset
 from xinzhou.data import PackedLoader
 from xinzhou.hf import CheckpointError, config_from_hf, config_to_hf, load_hf, replace_dir, write_hf
 from xinzhou.model import XinzhouLM
+from xinzhou.ops.moe import update_correction_bias
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    bias_update_rate: float = 0.001  # sigmoid routers (M2): correction-bias step per optimizer step
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
@@ -242,6 +244,14 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for block in model.layers:  # M2's aux-loss-free balancing: nudge the routing bias toward even load
+            moe = block.moe
+            if moe.expert_load is not None:
+                if world > 1:
+                    dist.all_reduce(moe.expert_load)
+                with torch.no_grad():
+                    update_correction_bias(moe.correction_bias, moe.expert_load, cfg.bias_update_rate)
+                moe.expert_load.zero_()
         stats = torch.tensor([ce_sum, aux_sum / cfg.grad_accum], device=device)
         if world > 1:
             dist.all_reduce(stats)

@@ -110,3 +110,10 @@ def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     y = _segment_mm(h, w2.transpose(1, 2), offsets)  # [N*K, C]
     y = y * weights.reshape(-1)[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add(0, token, y)
+
+
+def update_correction_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (MiniMax-M2, as DeepSeek-V3): after a step, raise the routing bias of
+    experts that got fewer than the mean number of slots and lower it for those that got more.
+    In place; bias and load are [E]."""
+    bias += rate * torch.sign(load.mean() - load)
