@@ -206,11 +206,10 @@ def test_chunked_prefill_and_slot_reset():
         for i, s in cache.state.items():
             assert torch.equal(s[1], before[i][1])
         fresh = HybridCache(model.config, 1)
-        lightning_only = [i for i in cache.state]
         want = model(prompt, cache=fresh)
-        for i in lightning_only:
+        for i in cache.state:  # the lightning layers
             assert torch.allclose(cache.state[i][0], fresh.state[i][0], atol=1e-5)
-        assert torch.isfinite(got).all() and want.shape == (1, 5, V)
+        assert max_diff(got[0], want[0]) <= 1e-4
         # left padding in a chunk with a non-zero state: the padding does not decay it
         c1, c2 = HybridCache(model.config, 1), HybridCache(model.config, 1)
         model(x[:1, :6], cache=c1)

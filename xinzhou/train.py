@@ -19,6 +19,7 @@ Output directory:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import platform
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -209,11 +211,10 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
         (out / "run.json").write_text(json.dumps(run_info(model_cfg, cfg), indent=2, default=str))
         rows = [r for r in _read_metrics(metrics_path) if r["step"] < start] if start else []
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop steps after the checkpoint
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
-        import sys
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step",
                    mininterval=0.5 if sys.stderr.isatty() else 15.0)
     model.train()
@@ -278,14 +279,6 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
     if dist.is_initialized():
         dist.destroy_process_group()
     return ckpt
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _read_metrics(path: Path) -> list[dict]:
