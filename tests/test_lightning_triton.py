@@ -57,9 +57,17 @@ def run_with_grads(fn, q, k, v, s0, do, dst):
     return o, st, torch.autograd.grad(loss, leaves)
 
 
+@pytest.fixture(params=[None, 64, 128], ids=["whole", "seg64", "seg128"])
+def segment(request, monkeypatch):
+    """Segment length of the kernels: whole sequences (what these small shapes get by default), or
+    sequences cut into segments of 64 / 128 tokens that start from the sums of the ones before."""
+    monkeypatch.setattr(lightning_triton, "SEGMENT_LEN", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("T", [1, 63, 100, 257])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_matches_reference_fp32(T, with_state):
+def test_matches_reference_fp32(T, with_state, segment):
     B, H, K, V = 2, 2, 32, 48
     q, k, v, s0 = inputs(B, T, H, K, V, state=with_state)
     slopes = slopes_for(H)
@@ -75,7 +83,7 @@ def test_matches_reference_fp32(T, with_state):
             assert rel_err(g, g_ref) < FP32_TOL, name
 
 
-def test_output_only_and_final_state_only_gradients():
+def test_output_only_and_final_state_only_gradients(segment):
     B, T, H, K = 3, 100, 2, 32  # B = 3: sequence 2 finds its chunk rows by multiplying, not adding
     q, k, v, s0 = inputs(B, T, H, K, K)
     slopes = slopes_for(H)
@@ -103,7 +111,7 @@ def test_head_dims(K, V):
         assert rel_err(x, x_ref) < FP32_TOL
 
 
-def test_varlen_matches_separate_sequences():
+def test_varlen_matches_separate_sequences(segment):
     lens = [1, 63, 0, 100, 257]
     H, K, V = 2, 32, 32
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE, dtype=torch.int32)
@@ -144,7 +152,7 @@ def test_varlen_without_initial_state():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, segment):
     B, T, H, K = 1, 100, 2, 64
     q, k, v, s0 = inputs(B, T, H, K, K, dtype=dtype)
     slopes = slopes_for(H)
@@ -156,6 +164,36 @@ def test_half_precision_inputs(dtype):
     ref = run_with_grads(lambda: lightning_naive(q, k, v, slopes, s0), q, k, v, s0, do, dst)
     for x, x_ref in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
         assert rel_err(x, x_ref) < BF16_TOL
+
+
+def test_initial_state_only_gradient(segment):
+    # no gradient for q, k, v: the forward keeps no segment start states, the backward recomputes them
+    B, T, H, K = 1, 200, 2, 32
+    q, k, v, s0 = inputs(B, T, H, K, K)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    slopes = slopes_for(H)
+    o, st = lightning_attention(q, k, v, slopes, s0, True, backend="triton")
+    g = torch.autograd.grad(o.sum() + st.sum(), s0)[0]
+    o_ref, st_ref = lightning_naive(q, k, v, slopes, s0)
+    g_ref = torch.autograd.grad(o_ref.sum() + st_ref.sum(), s0)[0]
+    assert rel_err(g, g_ref) < FP32_TOL
+
+
+def test_segment_lengths_fill_the_gpu(monkeypatch):
+    seg = lightning_triton._segment_len
+    monkeypatch.setattr(lightning_triton, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    # B=1, H=16, D=128: 32 programs from whole sequences, so 9 segments of 960 tokens (15 chunks)
+    assert seg(1, 8192, 8192, 16, 128, cuda) == 960
+    assert seg(1, 131072, 131072, 16, 128, cuda) == 14592
+    # short sequences never get segments below MIN_SEGMENT, nor longer than the sequence
+    assert seg(1, 2048, 2048, 16, 128, cuda) == 256
+    assert seg(1, 100, 100, 16, 128, cuda) == 128
+    # B=4, H=32: 256 programs from whole sequences, already more than the SMs
+    assert seg(4, 4 * 8192, 8192, 32, 128, cuda) == 8192
+    monkeypatch.setattr(lightning_triton, "SEGMENT_LEN", 100)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        seg(1, 8192, 8192, 16, 128, cuda)
 
 
 @pytest.mark.parametrize("K,V", [(32, 32), (40, 24)])

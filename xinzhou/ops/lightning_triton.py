@@ -1,31 +1,42 @@
-"""Lightning attention in Triton: chunked forward and backward (varlen, initial/final states) and decode.
+"""Lightning attention in Triton: fused chunked forward and backward (varlen, initial/final states), decode.
 
 Computes exactly the recurrence of `ops/lightning_ref.py` (S_t = lambda*S_{t-1} + k_t^T v_t,
 o_t = q_t S_t, lambda_h = exp(-slope_h), no scale) in chunks of BT = 64 tokens.
-Legend: B batch, T tokens, H heads, K key dim, V value dim, N sequences, NT chunks, c chunk index,
-a/b local token indices inside a chunk of n <= BT valid tokens, h_c the state before chunk c.
+Legend: B batch, T tokens, H heads, K key dim, V value dim, N sequences, c chunk, a/b token indices
+inside a chunk of n <= BT valid tokens (a: the query side, b: the key side), h_c the state before
+chunk c, g_c the gradient of the state after chunk c, M_ab = lambda^(a-b) for a >= b else 0.
 
-Forward (2 kernels):
-    _fwd_state_kernel  sequential over chunks per (sequence, head, K block, V block):
-                       stores h_c, then h_{c+1} = lambda^n h_c + (K_c * lambda^(n-1-b))^T V_c
-    _fwd_out_kernel    parallel over chunks: O_c = (Q_c * lambda^(a+1)) h_c + ((Q_c K_c^T) * M) V_c,
-                       M_ab = lambda^(a-b) for a >= b else 0
-Backward (4 kernels; h is recomputed rather than kept between forward and backward, as in fla):
-    _fwd_state_kernel  again for h_c
-    _bwd_state_kernel  sequential, backwards: g_c = gradient of the state at the end of chunk c,
-                       g_{c-1} = lambda^n g_c + (Q_c * lambda^(a+1))^T dO_c; d(initial state) = g_{-1}
-    _bwd_dv_kernel     dV_c = (K_c g_c) * lambda^(n-1-b) + ((K_c Q_c^T) * M^T) dO_c
-    _bwd_dqk_kernel    dQ_c = (dO_c h_c^T) * lambda^(a+1) + ((dO_c V_c^T) * M) K_c
-                       dK_c = (V_c g_c^T) * lambda^(n-1-b) + ((dO_c V_c^T) * M)^T Q_c
+Design: one program walks the chunks of a stretch of one sequence in order and keeps the state
+in registers (fp32), so no per-chunk state ever goes to memory (fla's chunk kernels write and
+re-read a [K, V] state per chunk; MiniMax's decay is a constant per head, which is what lets the
+recurrence stay inside one program). To fill the GPU when B*H is small, each sequence is cut into
+segments of SEG tokens (a multiple of BT) that run in parallel: a cheap pre-pass sums each
+segment's own contribution to the state, and a program finds its start state from the sums of the
+segments before it (after it, going backwards). With B*H large enough there is one segment per
+sequence and no pre-pass.
+
+Forward:
+    _segment_sum_kernel  (segmented only) E_s = sum_{t in s} lambda^(end_s - 1 - t) k_t^T v_t
+    _fwd_kernel          per (segment, head, V block): h = lambda^start h0 + sum_{j<s} lambda^(..) E_j;
+                         for each chunk: O_c = (Q_c h) * lambda^(a+1) + ((Q_c K_c^T) * M) V_c,
+                                         h <- lambda^n h + (K_c * lambda^(n-1-b))^T V_c
+Backward (dO given; dh_T the gradient of the final state):
+    _segment_sum_kernel  (segmented only) G_s = sum_{t in s} lambda^(t + 1 - start_s) q_t^T do_t
+    _bwd_dq_kernel       forwards, per K block: dQ_c = (dO_c h^T) * lambda^(a+1) + ((dO_c V_c^T) * M) K_c
+    _bwd_dk_kernel       backwards, per K block: dK_c = (V_c g^T) * lambda^(n-1-b) + ((dO_c V_c^T) * M)^T Q_c
+    _bwd_dv_kernel       backwards, per V block: dV_c = (K_c g) * lambda^(n-1-b) + ((K_c Q_c^T) * M^T) dO_c
+                         both with g <- lambda^n g + (Q_c * lambda^(a+1))^T dO_c; d(initial state) = g at
+                         the start, written by _bwd_dk_kernel
 Decode: _decode_kernel, one token per sequence, state updated in place.
 
-Matmul operands are in the input dtype (h and g are stored in it too, like fla), accumulation and
-states in fp32; fp32 inputs use IEEE fp32 dots (no TF32). Head dims up to 256 of any size (tiles are
-masked); CPU tensors work under TRITON_INTERPRET=1 (set before triton is imported).
+Matmul operands are in the input dtype (the state is rounded to it for the Q h products, as fla
+does), accumulation and states in fp32; fp32 inputs use IEEE fp32 dots (no TF32). Head dims up to 256,
+of any size (tiles are masked). CPU tensors work under TRITON_INTERPRET=1 (set before triton is imported).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +46,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BT = 64  # chunk length
 MAX_HEAD_DIM = 256
+MIN_SEGMENT = 4 * BT  # shorter segments would spend more on the pre-pass than they win in parallelism
+SEGMENT_LEN: int | None = None  # tests set this (a multiple of BT) to force a segment length
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -59,271 +72,319 @@ def _dot(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
-def _state_configs() -> list[triton.Config]:
-    # The interpreter runs one config; small blocks there make the tests cross block boundaries.
-    # On sm_90 (ptxas -v, bf16, D = 128) BK = 128 spills registers with 4 warps, so it only gets 8.
-    if INTERPRET:
-        return [triton.Config({"BK": 16, "BV": 16})]
-    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-            for bk, bv, w in ((64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8)) for s in (2, 3)]
+# ---------------------------------------------------------------------------------------------
+# Launch configurations. A sequential kernel carries one fp32 tile of the state ([full K, BV] or
+# [BK, full V]); the pruning keeps that tile at <= 8K elements (64 registers a thread at 4 warps).
+
+def _configs(names: tuple[str, str], tiles: tuple[tuple[int, int], ...]) -> list[triton.Config]:
+    if INTERPRET:  # one config; small blocks make the tests cross block boundaries
+        return [triton.Config({names[0]: 16, names[1]: 16})]
+    return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s)
+            for a, b in tiles for w in (4, 8) for s in (1, 2, 3)]
 
 
-def _parallel_configs() -> list[triton.Config]:
-    # _bwd_dqk_kernel holds three [BT, BT or BK] fp32 accumulators: 4 warps spill at BK = 64 already
-    if INTERPRET:
-        return [triton.Config({"BK": 16, "BV": 16})]
-    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-            for bk, bv, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (128, 128, 8)) for s in (2, 3)]
+def _prune_carried(block: str, full: str, other: str):
+    """Keep configs whose carried state tile [p2(full), block] is at most 8K fp32 elements."""
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        span, limit = _p2(args[full]), _p2(args[other])
+        kept = [c for c in configs if c.kwargs[block] <= limit and span * c.kwargs[block] <= 8192]
+        return kept or [min(configs, key=lambda c: c.kwargs[block])]
+    return prune
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles wider than the (power-of-2 rounded) head dims; they would only compute padding."""
+def _prune_sum(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = {**named_args, **kwargs}
-    k, v = _p2(args["K"]), _p2(args["V"])
-    kept = [c for c in configs if c.kwargs["BK"] <= k and c.kwargs["BV"] <= v]
-    if kept:
-        return kept
-    smallest = min(c.kwargs["BK"] for c in configs), min(c.kwargs["BV"] for c in configs)
-    return [c for c in configs if (c.kwargs["BK"], c.kwargs["BV"]) == smallest]
+    dx, dy = _p2(args["DX"]), _p2(args["DY"])
+    kept = [c for c in configs if c.kwargs["BX"] <= dx and c.kwargs["BY"] <= dy]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BX"], c.kwargs["BY"]))]
 
+
+def _seq_configs(block: str) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({block: 16})]
+    return [triton.Config({block: b}, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
 
 @triton.jit
-def _locate_chunk(i_t, i_nh, cu_seqlens, chunk_indices, T, H: tl.constexpr, BT: tl.constexpr,
-                  IS_VARLEN: tl.constexpr):
-    """Program (chunk i_t, i_nh) -> (head, chunk index in its sequence, first token, sequence
-    length, row of the per-chunk state buffers)."""
+def _locate(i_s, cu_seqlens, seg_offsets, seg_seq, T, SEG, IS_VARLEN: tl.constexpr):
+    """Segment row i_s -> (sequence, segment index j in it, its number of segments, row of its first
+    segment, first token of the sequence, sequence length, segment start in the sequence, segment length)."""
     if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        i_n = tl.load(seg_seq + i_s)
+        row0 = tl.load(seg_offsets + i_n)
+        n_segs = tl.load(seg_offsets + i_n + 1) - row0
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        i_h = i_nh
-        row = i_t.to(tl.int64)
     else:
-        i_n = i_nh // H
-        i_h = i_nh % H
-        i_c = i_t
+        n_segs = tl.maximum(tl.cdiv(T, SEG), 1)
+        i_n = i_s // n_segs
+        row0 = i_n * n_segs
         bos = i_n.to(tl.int64) * T
         seq_len = T
-        row = i_n.to(tl.int64) * ((T + BT - 1) // BT) + i_t
-    return i_h, i_c, bos, seq_len, row
+    j = i_s - row0
+    start = j * SEG
+    return i_n, j, n_segs, row0, bos, seq_len, start, tl.minimum(SEG, seq_len - start)
+
+
+@triton.autotune(configs=_configs(("BX", "BY"), ((64, 64), (64, 128), (128, 64), (128, 128))),
+                 key=["H", "DX", "DY", "IS_VARLEN", "REVERSE"], prune_configs_by={"early_config_prune": _prune_sum})
+@triton.jit
+def _segment_sum_kernel(x, y, out, slopes, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+                        H: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr,
+                        BX: tl.constexpr, BY: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+                        PREC: tl.constexpr):
+    """out[s] = sum over the segment's tokens t of w_t x_t^T y_t, w_t = lambda^(end - 1 - t) (the
+    segment's state from zero) or, REVERSE, lambda^(t + 1 - start) (its gradient at the start from zero).
+    Only rows another segment reads are computed: not the last of a sequence (first, REVERSE)."""
+    i_s, i_h, i_xy = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
+                                                                   T, SEG, IS_VARLEN)
+    if REVERSE:
+        needed = j > 0
+    else:
+        needed = j < n_segs - 1
+    if needed:
+        n_y = tl.cdiv(DY, BY)
+        o_t = tl.arange(0, BT)
+        o_x = (i_xy // n_y) * BX + tl.arange(0, BX)
+        o_y = (i_xy % n_y) * BY + tl.arange(0, BY)
+        m_x, m_y = o_x < DX, o_y < DY
+        slope = tl.load(slopes + i_h).to(tl.float32)
+        acc = tl.zeros([BX, BY], dtype=tl.float32)
+        for c in range(0, tl.cdiv(seg_len, BT)):
+            tok = bos + start + c * BT
+            pos = c * BT + o_t  # position in the segment
+            m_t = pos < seg_len
+            if REVERSE:
+                w = tl.exp(-slope * (pos + 1).to(tl.float32))
+            else:
+                w = tl.exp(-slope * (seg_len - 1 - pos).to(tl.float32))
+            w = tl.where(m_t, w, 0.)
+            b_x = tl.load(x + (tok * H + i_h) * DX + o_t[:, None] * (H * DX) + o_x[None, :],
+                          mask=m_t[:, None] & m_x[None, :], other=0.)
+            b_y = tl.load(y + (tok * H + i_h) * DY + o_t[:, None] * (H * DY) + o_y[None, :],
+                          mask=m_t[:, None] & m_y[None, :], other=0.)
+            acc += _dot(tl.trans((b_x * w[:, None]).to(b_x.dtype)), b_y, PREC)
+        tl.store(out + (i_s.to(tl.int64) * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :], acc,
+                 mask=m_x[:, None] & m_y[None, :])
 
 
 @triton.jit
-def _locate_sequence(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Sequence i_n -> (first token, length, row of its first chunk in the state buffers)."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
-        c0 = i_n.to(tl.int64) * ((T + BT - 1) // BT)
-    return bos, seq_len, c0
+def _start_state(sums, h0, slope, i_h, i_n, j, row0, SEG, o_r, o_c, m, H: tl.constexpr, K: tl.constexpr,
+                 V: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr):
+    """State tile [rows o_r of K, cols o_c of V] at the start of segment j: lambda^start h0 plus the
+    decayed sums E of the segments before it (all full, SEG tokens long)."""
+    off = o_r[:, None] * V + o_c[None, :]
+    b_h = tl.zeros([o_r.shape[0], o_c.shape[0]], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + (i_n.to(tl.int64) * H + i_h) * K * V + off, mask=m, other=0.) * \
+            tl.exp(-slope * (j * SEG).to(tl.float32))
+    if SEGMENTED:
+        for jj in range(0, j):
+            b_h += tl.load(sums + ((row0 + jj).to(tl.int64) * H + i_h) * K * V + off, mask=m, other=0.) * \
+                tl.exp(-slope * ((j - 1 - jj) * SEG).to(tl.float32))
+    return b_h
 
 
-@triton.autotune(configs=_state_configs(), key=["H", "K", "V", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _fwd_state_kernel(k, v, h, h0, ht, slopes, cu_seqlens, chunk_offsets, T,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, STORE_H: tl.constexpr, USE_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, seq_len, c0 = _locate_sequence(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
+def _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, seg_end, o_r, o_c, m,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, USE_GT: tl.constexpr,
+                  SEGMENTED: tl.constexpr):
+    """Gradient tile of the state at the end of segment j: lambda^(tokens after it) dh_T plus the
+    decayed sums G of the segments after it."""
+    off = o_r[:, None] * V + o_c[None, :]
+    b_g = tl.zeros([o_r.shape[0], o_c.shape[0]], dtype=tl.float32)
+    if USE_GT:
+        b_g += tl.load(dht + (i_n.to(tl.int64) * H + i_h) * K * V + off, mask=m, other=0.) * \
+            tl.exp(-slope * (seq_len - seg_end).to(tl.float32))
+    if SEGMENTED:
+        for jj in range(j + 1, n_segs):
+            b_g += tl.load(sums + ((row0 + jj).to(tl.int64) * H + i_h) * K * V + off, mask=m, other=0.) * \
+                tl.exp(-slope * ((jj - j - 1) * SEG).to(tl.float32))
+    return b_g
+
+
+@triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+                 prune_configs_by={"early_config_prune": _prune_carried("BV", "K", "V")})
+@triton.jit
+def _fwd_kernel(q, k, v, o, slopes, h0, sums, hs, ht, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+                BV: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, STORE_HS: tl.constexpr,
+                STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
+                                                                   T, SEG, IS_VARLEN)
     slope = tl.load(slopes + i_h).to(tl.float32)
-
     o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
+    o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv_off = o_k[:, None] * V + o_v[None, :]
+    diff = o_t[:, None] - o_t[None, :]  # a - b
+    causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)  # M
+    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))  # lambda^(a+1)
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.).to(tl.float32)
-    for i_c in range(0, (seq_len + BT - 1) // BT):
-        if STORE_H:
-            tl.store(h + ((c0 + i_c) * H + i_h) * K * V + kv_off, b_h.to(h.dtype.element_ty), mask=m_kv)
-        m_t = i_c * BT + o_t < seq_len
-        tok = bos + i_c * BT  # int64: first token of the chunk
+    b_h = _start_state(sums, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, SEGMENTED)
+    if STORE_HS:  # the backward's dq kernel starts from it
+        tl.store(hs + (i_s.to(tl.int64) * H + i_h) * K * V + kv_off, b_h, mask=m_kv)
+    for c in range(0, tl.cdiv(seg_len, BT)):
+        tok = bos + start + c * BT  # int64: first token of the chunk
+        n = tl.minimum(seg_len - c * BT, BT)
+        m_t = o_t < n
+        b_q = tl.load(q + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)
         b_k = tl.load(k + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
                       mask=m_t[:, None] & m_k[None, :], other=0.)
         b_v = tl.load(v + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
                       mask=m_t[:, None] & m_v[None, :], other=0.)
-        n = tl.minimum(seq_len - i_c * BT, BT)
+        b_a = (_dot(b_q, tl.trans(b_k), PREC) * causal).to(b_v.dtype)
+        b_o = _dot(b_q, b_h.to(b_q.dtype), PREC) * d_q[:, None] + _dot(b_a, b_v, PREC)
+        tl.store(o + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
         d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)  # lambda^(n-1-b)
-        b_kd = (b_k * d_k[:, None]).to(b_k.dtype)
-        b_h = b_h * tl.exp(-slope * n.to(tl.float32)) + _dot(tl.trans(b_kd), b_v, PREC)
+        b_h = b_h * tl.exp(-slope * n.to(tl.float32)) + \
+            _dot(tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, PREC)
     if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + kv_off, b_h, mask=m_kv)
+        if j == n_segs - 1:
+            tl.store(ht + (i_n.to(tl.int64) * H + i_h) * K * V + kv_off, b_h, mask=m_kv)
 
 
-@triton.autotune(configs=_parallel_configs(), key=["H", "K", "V", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+                 prune_configs_by={"early_config_prune": _prune_carried("BK", "V", "K")})
 @triton.jit
-def _fwd_out_kernel(q, k, v, h, o, slopes, cu_seqlens, chunk_indices, T,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_t, i_nh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h, i_c, bos, seq_len, row = _locate_chunk(i_t, i_nh, cu_seqlens, chunk_indices, T, H, BT, IS_VARLEN)
+def _bwd_dq_kernel(k, v, do, dq, slopes, h0, hs, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   PREC: tl.constexpr):
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
+                                                                   T, SEG, IS_VARLEN)
     slope = tl.load(slopes + i_h).to(tl.float32)
-    tok = bos + i_c * BT
-
-    o_t = tl.arange(0, BT)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_t, m_v = i_c * BT + o_t < seq_len, o_v < V
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_q = q + (tok * H + i_h) * K
-    p_k = k + (tok * H + i_h) * K
-    p_h = h + (row * H + i_h) * K * V
-
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)  # Q K^T
-    for i_k in range(0, (K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = tl.load(p_q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_k = tl.load(p_k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_o += _dot(b_q, b_h.to(b_q.dtype), PREC)
-        b_a += _dot(b_q, tl.trans(b_k), PREC)
-    b_v = tl.load(v + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
-    diff = o_t[:, None] - o_t[None, :]  # a - b
-    b_a = tl.where(diff >= 0, b_a * tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
-    b_o = b_o * tl.exp(-slope * (o_t + 1).to(tl.float32))[:, None]
-    b_o += _dot(b_a.to(b_v.dtype), b_v, PREC)
-    tl.store(o + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_tv)
-
-
-@triton.autotune(configs=_state_configs(), key=["H", "K", "V", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _bwd_state_kernel(q, do, g, gt, g0, slopes, cu_seqlens, chunk_offsets, T,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, USE_GT: tl.constexpr, STORE_G0: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, seq_len, c0 = _locate_sequence(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
-    slope = tl.load(slopes + i_h).to(tl.float32)
-
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, VP)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    diff = o_t[:, None] - o_t[None, :]  # a - b
+    causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
+    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
+
+    if SEGMENTED:  # the forward stored every segment's start state
+        b_h = tl.load(hs + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=m_kv, other=0.)
+    else:
+        b_h = _start_state(hs, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, False)
+    for c in range(0, tl.cdiv(seg_len, BT)):
+        tok = bos + start + c * BT
+        n = tl.minimum(seg_len - c * BT, BT)
+        m_t = o_t < n
+        b_k = tl.load(k + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_v = tl.load(v + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
+                       mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_ds = (_dot(b_do, tl.trans(b_v), PREC) * causal).to(b_k.dtype)  # (dO V^T) * M: [a, b]
+        b_dq = _dot(b_do, tl.trans(b_h.to(b_do.dtype)), PREC) * d_q[:, None] + _dot(b_ds, b_k, PREC)
+        tl.store(dq + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+                 mask=m_t[:, None] & m_k[None, :])
+        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
+        b_h = b_h * tl.exp(-slope * n.to(tl.float32)) + \
+            _dot(tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, PREC)
+
+
+@triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+                 prune_configs_by={"early_config_prune": _prune_carried("BK", "V", "K")})
+@triton.jit
+def _bwd_dk_kernel(q, v, do, dk, slopes, sums, dht, dh0, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, USE_GT: tl.constexpr, SEGMENTED: tl.constexpr, STORE_DH0: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
+                                                                   T, SEG, IS_VARLEN)
+    slope = tl.load(slopes + i_h).to(tl.float32)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, VP)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    diff = o_t[:, None] - o_t[None, :]  # a - b
+    causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
+    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
+
+    b_g = _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, start + seg_len,
+                        o_k, o_v, m_kv, H, K, V, USE_GT, SEGMENTED)
+    n_chunks = tl.cdiv(seg_len, BT)
+    for r in range(0, n_chunks):
+        c = n_chunks - 1 - r
+        tok = bos + start + c * BT
+        n = tl.minimum(seg_len - c * BT, BT)
+        m_t = o_t < n
+        b_q = tl.load(q + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_v = tl.load(v + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
+                       mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_ds = (_dot(b_do, tl.trans(b_v), PREC) * causal).to(b_q.dtype)  # [a, b]
+        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
+        b_dk = _dot(b_v, tl.trans(b_g.to(b_v.dtype)), PREC) * d_k[:, None] + _dot(tl.trans(b_ds), b_q, PREC)
+        tl.store(dk + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty),
+                 mask=m_t[:, None] & m_k[None, :])
+        b_g = b_g * tl.exp(-slope * n.to(tl.float32)) + \
+            _dot(tl.trans((b_q * d_q[:, None]).to(b_q.dtype)), b_do, PREC)
+    if STORE_DH0:
+        if j == 0:
+            tl.store(dh0 + (i_n.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_g, mask=m_kv)
+
+
+@triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+                 prune_configs_by={"early_config_prune": _prune_carried("BV", "K", "V")})
+@triton.jit
+def _bwd_dv_kernel(q, k, do, dv, slopes, sums, dht, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+                   BV: tl.constexpr, USE_GT: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   PREC: tl.constexpr):
+    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
+                                                                   T, SEG, IS_VARLEN)
+    slope = tl.load(slopes + i_h).to(tl.float32)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    kv_off = o_k[:, None] * V + o_v[None, :]
-    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))  # lambda^(a+1)
+    diff = o_t[None, :] - o_t[:, None]  # a - b, rows are b
+    causal_t = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)  # M^T
+    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
 
-    b_g = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_GT:
-        b_g += tl.load(gt + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.).to(tl.float32)
-    n_chunks = (seq_len + BT - 1) // BT
-    for j in range(0, n_chunks):
-        i_c = n_chunks - 1 - j
-        tl.store(g + ((c0 + i_c) * H + i_h) * K * V + kv_off, b_g.to(g.dtype.element_ty), mask=m_kv)
-        m_t = i_c * BT + o_t < seq_len
-        tok = bos + i_c * BT
+    b_g = _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, start + seg_len,
+                        o_k, o_v, m_kv, H, K, V, USE_GT, SEGMENTED)
+    n_chunks = tl.cdiv(seg_len, BT)
+    for r in range(0, n_chunks):
+        c = n_chunks - 1 - r
+        tok = bos + start + c * BT
+        n = tl.minimum(seg_len - c * BT, BT)
+        m_t = o_t < n
         b_q = tl.load(q + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_k = tl.load(k + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
                       mask=m_t[:, None] & m_k[None, :], other=0.)
         b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.)
-        n = tl.minimum(seq_len - i_c * BT, BT)
-        b_qd = (b_q * d_q[:, None]).to(b_q.dtype)
-        b_g = b_g * tl.exp(-slope * n.to(tl.float32)) + _dot(tl.trans(b_qd), b_do, PREC)
-    if STORE_G0:
-        tl.store(g0 + i_nh.to(tl.int64) * K * V + kv_off, b_g, mask=m_kv)
-
-
-@triton.autotune(configs=_parallel_configs(), key=["H", "K", "V", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _bwd_dv_kernel(q, k, do, g, dv, slopes, cu_seqlens, chunk_indices, T,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_t, i_nh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h, i_c, bos, seq_len, row = _locate_chunk(i_t, i_nh, cu_seqlens, chunk_indices, T, H, BT, IS_VARLEN)
-    slope = tl.load(slopes + i_h).to(tl.float32)
-    tok = bos + i_c * BT
-
-    o_t = tl.arange(0, BT)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_t, m_v = i_c * BT + o_t < seq_len, o_v < V
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_q = q + (tok * H + i_h) * K
-    p_k = k + (tok * H + i_h) * K
-    p_g = g + (row * H + i_h) * K * V
-
-    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)  # K Q^T: [b, a]
-    for i_k in range(0, (K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = tl.load(p_q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_k = tl.load(p_k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_g = tl.load(p_g + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_dv += _dot(b_k, b_g.to(b_k.dtype), PREC)
-        b_a += _dot(b_k, tl.trans(b_q), PREC)
-    n = tl.minimum(seq_len - i_c * BT, BT)
-    d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)  # lambda^(n-1-b)
-    diff = o_t[None, :] - o_t[:, None]  # a - b, rows are b
-    b_a = tl.where(diff >= 0, b_a * tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
-    b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
-    b_dv = b_dv * d_k[:, None] + _dot(b_a.to(b_do.dtype), b_do, PREC)
-    tl.store(dv + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_tv)
-
-
-@triton.autotune(configs=_parallel_configs(), key=["H", "K", "V", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _bwd_dqk_kernel(q, k, v, do, h, g, dq, dk, slopes, cu_seqlens, chunk_indices, T,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_t, i_nh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h, i_c, bos, seq_len, row = _locate_chunk(i_t, i_nh, cu_seqlens, chunk_indices, T, H, BT, IS_VARLEN)
-    slope = tl.load(slopes + i_h).to(tl.float32)
-    tok = bos + i_c * BT
-
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_t, m_k = i_c * BT + o_t < seq_len, o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_v = v + (tok * H + i_h) * V
-    p_do = do + (tok * H + i_h) * V
-    p_h = h + (row * H + i_h) * K * V
-    p_g = g + (row * H + i_h) * K * V
-
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO V^T: [a, b]
-    for i_v in range(0, (V + BV - 1) // BV):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_v = tl.load(p_v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_do = tl.load(p_do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_g = tl.load(p_g + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_ds += _dot(b_do, tl.trans(b_v), PREC)
-        b_dq += _dot(b_do, tl.trans(b_h.to(b_do.dtype)), PREC)
-        b_dk += _dot(b_v, tl.trans(b_g.to(b_v.dtype)), PREC)
-    n = tl.minimum(seq_len - i_c * BT, BT)
-    d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)  # lambda^(n-1-b)
-    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))  # lambda^(a+1)
-    diff = o_t[:, None] - o_t[None, :]  # a - b
-    b_q = tl.load(q + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
-    b_k = tl.load(k + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
-    b_ds = tl.where(diff >= 0, b_ds * tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.).to(b_q.dtype)
-    b_dq = b_dq * d_q[:, None] + _dot(b_ds, b_k, PREC)
-    b_dk = b_dk * d_k[:, None] + _dot(tl.trans(b_ds), b_q, PREC)
-    out = (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :]
-    tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        b_a = (_dot(b_k, tl.trans(b_q), PREC) * causal_t).to(b_do.dtype)  # (K Q^T) * M^T: [b, a]
+        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
+        b_dv = _dot(b_k, b_g.to(b_k.dtype), PREC) * d_k[:, None] + _dot(b_a, b_do, PREC)
+        tl.store(dv + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        b_g = b_g * tl.exp(-slope * n.to(tl.float32)) + \
+            _dot(tl.trans((b_q * d_q[:, None]).to(b_q.dtype)), b_do, PREC)
 
 
 @triton.jit
@@ -347,6 +408,9 @@ def _decode_kernel(q, k, v, state, o, slopes, H: tl.constexpr, K: tl.constexpr, 
     tl.store(o + base * V + o_v, tl.sum(b_s * b_q[:, None], axis=0).to(o.dtype.element_ty), mask=m_v)
 
 
+# ---------------------------------------------------------------------------------------------
+# Host side
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"q, k, v must be [B, T, H, D] with equal B, T, H: got {tuple(q.shape)}, "
@@ -368,118 +432,140 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None  # None: tl.dot's default for 16-bit operands
 
 
-def _chunk_layout(cu_seqlens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-sequence first chunk row [N + 1] and per-chunk (sequence, chunk) pairs [NT, 2] (int32)."""
-    counts = [triton.cdiv(b - a, BT) for a, b in zip(cu_seqlens, cu_seqlens[1:])]
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    pairs = [(i, j) for i, c in enumerate(counts) for j in range(c)]
-    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-    chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device).reshape(-1, 2)
-    return chunk_offsets, chunk_indices, offsets[-1]
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _segment_len(n_seq: int, total_tokens: int, longest: int, H: int, V: int, device: torch.device) -> int:
+    """Tokens per segment. With at least one program per SM in the V-blocked kernels (64-wide V
+    blocks) from whole sequences, a whole sequence; else enough segments for about two programs per
+    SM, none shorter than MIN_SEGMENT."""
+    if SEGMENT_LEN is not None:
+        if SEGMENT_LEN <= 0 or SEGMENT_LEN % BT:
+            raise ValueError(f"SEGMENT_LEN must be a positive multiple of {BT}: got {SEGMENT_LEN}")
+        return SEGMENT_LEN
+    whole = max(BT, triton.cdiv(longest, BT) * BT)
+    programs_per_segment = H * triton.cdiv(V, 64)
+    if n_seq * programs_per_segment >= _sm_count(device):
+        return whole
+    segments = triton.cdiv(2 * _sm_count(device), programs_per_segment)
+    return min(whole, max(MIN_SEGMENT, triton.cdiv(triton.cdiv(total_tokens, segments), BT) * BT))
 
 
 class _Layout:
-    """Where the sequences lie in q's [B, T] token grid: fixed length (N = B) or packed (B = 1)."""
+    """Where the sequences lie in q's [B, T] token grid (fixed length: N = B; packed: B = 1) and how
+    they are cut into segments: rows of the per-segment buffers, sequence by sequence."""
 
-    def __init__(self, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None):
         B, T, H, _ = q.shape
         self.T, self.H = T, H
         self.is_varlen = cu_seqlens is not None
         if cu_seqlens is None:
-            self.n_seq, self.n_chunks = B, B * triton.cdiv(T, BT)
-            self.cu_seqlens = self.chunk_offsets = self.chunk_indices = None
-        else:
-            if B != 1:
-                raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {B}")
-            bounds = [int(x) for x in cu_seqlens.tolist()]
-            if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(
-                    b < a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError(f"cu_seqlens must rise from 0 to T = {T}: got {bounds}")
-            self.n_seq = len(bounds) - 1
-            self.cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-            self.chunk_offsets, self.chunk_indices, self.n_chunks = _chunk_layout(bounds, q.device)
+            self.n_seq = B
+            self.seg = _segment_len(B, B * T, T, H, v.shape[-1], q.device)
+            per_seq = max(1, triton.cdiv(T, self.seg))
+            self.n_rows = B * per_seq
+            self.segmented = per_seq > 1
+            self.cu_seqlens = self.seg_offsets = self.seg_seq = None
+            return
+        if B != 1:
+            raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {B}")
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T = {T}: got {bounds}")
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        self.n_seq = len(lens)
+        self.seg = _segment_len(len(lens), T, max(lens), H, v.shape[-1], q.device)
+        counts = [max(1, triton.cdiv(n, self.seg)) for n in lens]  # an empty sequence still passes its state
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        self.n_rows = offsets[-1]
+        self.segmented = max(counts) > 1
+        self.cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+        self.seg_offsets = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+        self.seg_seq = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.int32,
+                                    device=q.device)
 
-    def seq_grid(self, K: int, V: int):
-        # the unbounded grid axis is 0 (axes 1 and 2 stop at 65535)
-        return lambda meta: (self.n_seq * self.H, triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]))
+    def args(self) -> tuple:
+        return self.cu_seqlens, self.seg_offsets, self.seg_seq, self.T, self.seg
 
-    def chunk_grid(self, dim: int, block: str):
-        # fixed length: chunks per sequence x (B*H); packed: all chunks x H (chunk_indices name the sequence)
-        n_t = self.n_chunks if self.is_varlen else triton.cdiv(self.T, BT)
-        n_nh = self.H if self.is_varlen else self.n_seq * self.H
-        return lambda meta: (n_t, n_nh, triton.cdiv(dim, meta[block]))
+    def grid(self, dim: int, block: str):
+        return lambda meta: (self.n_rows, self.H, triton.cdiv(dim, meta[block]))
 
-
-def _states(k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, h0: torch.Tensor | None,
-            lay: _Layout, store_final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-chunk states h [NT, H, K, V] (input dtype) and optionally the final states [N, H, K, V] fp32."""
-    K, V = k.shape[-1], v.shape[-1]
-    h = _empty((lay.n_chunks, lay.H, K, V), k.dtype, k.device)
-    ht = _empty((lay.n_seq, lay.H, K, V), torch.float32, k.device) if store_final else None
-    if lay.n_seq * lay.H > 0:
-        _fwd_state_kernel[lay.seq_grid(K, V)](
-            k, v, h, h0, ht, slopes, lay.cu_seqlens, lay.chunk_offsets, lay.T, H=lay.H, K=K, V=V, BT=BT,
-            STORE_H=True, USE_H0=h0 is not None, STORE_HT=store_final, IS_VARLEN=lay.is_varlen,
-            PREC=_precision(k.dtype))
-    return h, ht
+    def segment_sums(self, x: torch.Tensor, y: torch.Tensor, slopes: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """[rows, H, DX, DY] fp32: each segment's own state (x = k, y = v) or state gradient at its
+        start (reverse: x = q, y = do), from zero."""
+        DX, DY = x.shape[-1], y.shape[-1]
+        out = _empty((self.n_rows, self.H, DX, DY), torch.float32, x.device)
+        _segment_sum_kernel[lambda meta: (self.n_rows, self.H, triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]))](
+            x, y, out, slopes, *self.args(), H=self.H, DX=DX, DY=DY, BT=BT, REVERSE=reverse,
+            IS_VARLEN=self.is_varlen, PREC=_precision(x.dtype))
+        return out
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, h0: torch.Tensor | None,
-             lay: _Layout, store_final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+             lay: _Layout, store_final: bool, store_starts: bool):
+    """o, final states [N, H, K, V] fp32 (or None) and, segmented with store_starts, the segments'
+    start states [rows, H, K, V] fp32 for the backward (else None)."""
     K, V = q.shape[-1], v.shape[-1]
-    h, ht = _states(k, v, slopes, h0, lay, store_final)
     o = _empty(v.shape, v.dtype, v.device)
-    if lay.n_chunks * lay.H > 0:
-        _fwd_out_kernel[lay.chunk_grid(V, "BV")](
-            q, k, v, h, o, slopes, lay.cu_seqlens, lay.chunk_indices, lay.T, H=lay.H, K=K, V=V, BT=BT,
-            IS_VARLEN=lay.is_varlen, PREC=_precision(q.dtype))
-    return o, ht
+    ht = _empty((lay.n_seq, lay.H, K, V), torch.float32, q.device) if store_final else None
+    store_hs = store_starts and lay.segmented
+    hs = _empty((lay.n_rows, lay.H, K, V), torch.float32, q.device) if store_hs else None
+    if lay.n_rows * lay.H == 0:
+        return o, ht, hs
+    sums = lay.segment_sums(k, v, slopes, reverse=False) if lay.segmented else None
+    _fwd_kernel[lay.grid(V, "BV")](
+        q, k, v, o, slopes, h0, sums, hs, ht, *lay.args(), H=lay.H, K=K, V=V, KP=_p2(K), BT=BT,
+        USE_H0=h0 is not None, SEGMENTED=lay.segmented, STORE_HS=store_hs, STORE_HT=store_final,
+        IS_VARLEN=lay.is_varlen, PREC=_precision(q.dtype))
+    return o, ht, hs
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, h0: torch.Tensor | None,
-              do: torch.Tensor, dht: torch.Tensor | None, lay: _Layout, want_dh0: bool):
+              hs: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, lay: _Layout, want_dh0: bool):
     K, V = q.shape[-1], v.shape[-1]
     prec = _precision(q.dtype)
-    h, _ = _states(k, v, slopes, h0, lay, store_final=False)
-    g = _empty((lay.n_chunks, lay.H, K, V), q.dtype, q.device)
-    dh0 = _empty((lay.n_seq, lay.H, K, V), torch.float32, q.device) if want_dh0 else None
-    if lay.n_seq * lay.H > 0:
-        _bwd_state_kernel[lay.seq_grid(K, V)](
-            q, do, g, dht, dh0, slopes, lay.cu_seqlens, lay.chunk_offsets, lay.T, H=lay.H, K=K, V=V, BT=BT,
-            USE_GT=dht is not None, STORE_G0=want_dh0, IS_VARLEN=lay.is_varlen, PREC=prec)
     dq, dk = _empty(q.shape, q.dtype, q.device), _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    if lay.n_chunks * lay.H > 0:
-        _bwd_dv_kernel[lay.chunk_grid(V, "BV")](
-            q, k, do, g, dv, slopes, lay.cu_seqlens, lay.chunk_indices, lay.T, H=lay.H, K=K, V=V, BT=BT,
-            IS_VARLEN=lay.is_varlen, PREC=prec)
-        _bwd_dqk_kernel[lay.chunk_grid(K, "BK")](
-            q, k, v, do, h, g, dq, dk, slopes, lay.cu_seqlens, lay.chunk_indices, lay.T, H=lay.H, K=K, V=V,
-            BT=BT, IS_VARLEN=lay.is_varlen, PREC=prec)
+    dh0 = _empty((lay.n_seq, lay.H, K, V), torch.float32, q.device) if want_dh0 else None
+    if lay.n_rows * lay.H == 0:
+        return dq, dk, dv, dh0
+    sums = lay.segment_sums(q, do, slopes, reverse=True) if lay.segmented else None
+    common = dict(H=lay.H, K=K, V=V, BT=BT, SEGMENTED=lay.segmented, IS_VARLEN=lay.is_varlen, PREC=prec)
+    _bwd_dq_kernel[lay.grid(K, "BK")](k, v, do, dq, slopes, h0, hs, *lay.args(), VP=_p2(V),
+                                      USE_H0=h0 is not None, **common)
+    _bwd_dk_kernel[lay.grid(K, "BK")](q, v, do, dk, slopes, sums, dht, dh0, *lay.args(), VP=_p2(V),
+                                      USE_GT=dht is not None, STORE_DH0=want_dh0, **common)
+    _bwd_dv_kernel[lay.grid(V, "BV")](q, k, do, dv, slopes, sums, dht, *lay.args(), KP=_p2(K),
+                                      USE_GT=dht is not None, **common)
     return dq, dk, dv, dh0
 
 
 class LightningAttentionFunction(torch.autograd.Function):
-    """Autograd for the chunked kernels; slopes get no gradient, the initial state does."""
+    """Autograd for the fused kernels; slopes get no gradient, the initial state does."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                 initial_state: torch.Tensor | None, output_final_state: bool, lay: _Layout):
-        o, ht = _forward(q, k, v, slopes, initial_state, lay, output_final_state)
-        ctx.save_for_backward(q, k, v, slopes, initial_state)
+        o, ht, hs = _forward(q, k, v, slopes, initial_state, lay, output_final_state,
+                             store_starts=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(q, k, v, slopes, initial_state, hs)
         ctx.lay = lay
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do: torch.Tensor | None, dht: torch.Tensor | None):
-        q, k, v, slopes, h0 = ctx.saved_tensors
+        q, k, v, slopes, h0, hs = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(v)
         want_dh0 = h0 is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dh0 = _backward(q, k, v, slopes, h0, do.contiguous(),
+        if hs is None and ctx.lay.segmented:  # only the initial state wants a gradient
+            hs = _forward(q, k, v, slopes, h0, ctx.lay, False, store_starts=True)[2]
+        dq, dk, dv, dh0 = _backward(q, k, v, slopes, h0, hs, do.contiguous(),
                                     dht.contiguous() if dht is not None else None, ctx.lay, want_dh0)
         return dq, dk, dv, None, dh0, None, None
 
@@ -490,15 +576,14 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q, k: [B, T, H, K]; v: [B, T, H, V]; slopes [H]; initial_state [N, H, K, V] (N = B, or the number
     of sequences in cu_seqlens with B = 1). Returns (o [B, T, H, V] in q's dtype, final states fp32 or None)."""
     _check_inputs(q, k, v, slopes)
-    lay = _Layout(q, cu_seqlens)
+    lay = _Layout(q, v, cu_seqlens)
     K, V = q.shape[-1], v.shape[-1]
     if initial_state is not None and initial_state.shape != (lay.n_seq, lay.H, K, V):
         raise ValueError(f"initial_state must be [N, H, K, V] = {[lay.n_seq, lay.H, K, V]}: "
                          f"got {list(initial_state.shape)}")
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, ht = LightningAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                             slopes.detach().float().contiguous(), h0, output_final_state, lay)
-    return o, ht
+    return LightningAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                            slopes.detach().float().contiguous(), h0, output_final_state, lay)
 
 
 def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
