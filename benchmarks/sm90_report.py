@@ -3,7 +3,7 @@ per launch config: registers, spilled bytes, shared memory, and whether the matm
 wgmma. Spills and shared memory over the 227 KiB a block may have are what to look for before a GPU
 session; the timings still need the GPU.
 
-    python benchmarks/sm90_report.py [--dtype bf16] [--head-dim 128] [--out report.json]
+    python benchmarks/sm90_report.py [--dtype bf16] [--head-dim 128] [--quick] [--out report.json]
 
 Uses triton's own ptxas (`ptxas -v`), the same one a GPU compile uses.
 """
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", default=None, help="JSON file for the rows")
+    parser.add_argument("--quick", action="store_true", help="one config per kernel: the first with 8 warps, 2 stages")
     args = parser.parse_args()
     rows = []
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, D = {args.head_dim}")
@@ -116,6 +117,8 @@ def main() -> None:
         named = {**consts, "K": args.head_dim, "V": args.head_dim, "DX": args.head_dim, "DY": args.head_dim}
         prune = getattr(kernel, "early_config_prune", None)
         configs = prune(kernel.configs, named) if prune else kernel.configs
+        if args.quick:
+            configs = [c for c in configs if (c.num_warps, c.num_stages) == (8, 2)][:1]
         for config in configs:
             cfg = f"{config.kwargs} w{config.num_warps} s{config.num_stages}"
             try:

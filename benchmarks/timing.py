@@ -29,3 +29,18 @@ def time_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.devi
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def peak_matmul_tflops(n: int, device: torch.device) -> float:
+    """bf16 n^3 matmul rate on random data: the peak MFU and FLOP floors are taken against."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda: a @ b, 5, 20, device)
+    return 2 * n**3 / ms / 1e9
+
+
+def copy_bandwidth_bytes_per_ms(mib: int, device: torch.device) -> float:
+    """Device-to-device copy rate of a mib-MiB buffer, counting bytes read and written."""
+    x = torch.randint(0, 256, (mib * 2**20,), dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), 5, 20, device)
+    return 2 * x.numel() / ms

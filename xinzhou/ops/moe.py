@@ -93,7 +93,7 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                     indices: torch.Tensor) -> torch.Tensor:
-    """Grouped path: sort the N*K routing slots by expert, two grouped GEMMs, weighted scatter-add."""
+    """Grouped path: sort the N*K routing slots by expert, two grouped GEMMs, unsort, weighted sum over K."""
     N, K = indices.shape
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists: cast here
         dt = torch.get_autocast_dtype(x.device.type)
@@ -109,7 +109,9 @@ def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     h = (F.silu(gate) * up).contiguous()
     y = _segment_mm(h, w2.transpose(1, 2), offsets)  # [N*K, C]
     y = y * weights.reshape(-1)[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add(0, token, y)
+    # back to slot order (a permutation: a plain scatter, no atomics), then each token sums its K
+    # outputs; unlike index_add, deterministic on the GPU and rounded once in bf16
+    return torch.empty_like(y).index_copy(0, order, y).view(N, K, -1).sum(1)
 
 
 def update_correction_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:

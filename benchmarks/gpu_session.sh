@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# One GPU session in one device-tool call: environment, Triton tests, then the three benchmarks.
+#
+#   device tool: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#   here, no GPU:  bash benchmarks/gpu_session.sh --smoke        (every step, tiny shapes, on the CPU)
+#
+# Steps, each under its own `timeout`, all inside GPU_SESSION_SECONDS (default 540 s, so the call
+# ends inside the tool's 600 s limit; a step gets what is left if that is less than its budget):
+#   1. install the carried wheels in .whl/ (fla-core + flash-linear-attention) into /tmp/site
+#   2. versions, nvidia-smi, `import xinzhou` (the repo root is put on PYTHONPATH; no pip install)
+#   3. python -m pytest tests/test_lightning_triton.py -x -q                 (budget  90 s)
+#   4. benchmarks/bench_lightning.py $BENCH_LIGHTNING_ARGS                  (budget 190 s)
+#   5. benchmarks/bench_moe.py $BENCH_MOE_ARGS                              (budget  60 s)
+#   6. benchmarks/bench_model.py $BENCH_MODEL_ARGS (default --quick)        (budget 180 s)
+# The *_ARGS variables add arguments (e.g. BENCH_LIGHTNING_ARGS="--seq-lens 8192 32768"); set them
+# before the command: `BENCH_MODEL_ARGS= bash benchmarks/gpu_session.sh` runs bench_model's full plan
+# (more than its budget: give it the time of steps it replaces, e.g. GPU_SESSION_SECONDS).
+# Files under $OUT (the tool brings back at most 8): session.log (steps 1-3 and the summary), and
+# bench_{lightning,moe,model}.{log,json}: 7 files. Outside the tool, $OUT defaults to out/gpu_session.
+# A step that fails or runs out of time is logged and the next one still runs; the exit status is
+# nonzero if any step failed. The last lines printed are a short summary of every table.
+
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+OUT=${OUT:-$PWD/out/gpu_session}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TOTAL=${GPU_SESSION_SECONDS:-540}
+BENCH_MODEL_ARGS=${BENCH_MODEL_ARGS---quick}  # set but empty: the full plan
+LOG=$OUT/session.log
+: >"$LOG"
+FAILED=0
+SUMMARY=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME BUDGET_S LOGFILE CMD...: run CMD under timeout (the smaller of its budget and the time
+# left), output to the terminal and appended to LOGFILE; records its exit status
+step() {
+    local name=$1 budget=$2 logfile=$3
+    shift 3
+    local left=$((TOTAL - SECONDS - 5))
+    local limit=$((budget < left ? budget : left))
+    if [ "$limit" -lt 15 ]; then
+        log "=== $name: skipped, ${left}s left of ${TOTAL}s"
+        SUMMARY+=("$name: skipped (no time left)")
+        FAILED=1
+        return
+    fi
+    log "=== $name (limit ${limit}s, started at ${SECONDS}s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$logfile"
+    local rc=$?
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && log "=== $name: TIMED OUT after ${limit}s"
+    log "=== $name: exit $rc at ${SECONDS}s"
+    SUMMARY+=("$name: exit $rc")
+    [ "$rc" -eq 0 ] || FAILED=1
+}
+
+read -r -a LIGHTNING_ARGS <<<"${BENCH_LIGHTNING_ARGS:-}"
+read -r -a MOE_ARGS <<<"${BENCH_MOE_ARGS:-}"
+if [ "$SMOKE" = 1 ]; then
+    LIGHTNING_ARGS+=(--device cpu --smoke)
+    MOE_ARGS+=(--device cpu --smoke)
+    MODEL_ARGS=(--device cpu --smoke)
+    log "smoke mode: CPU, tiny shapes (checks the script, times nothing)"
+else
+    read -r -a MODEL_ARGS <<<"$BENCH_MODEL_ARGS"
+fi
+
+# 1. carried wheels
+if compgen -G ".whl/*.whl" >/dev/null; then
+    log "installing carried wheels: $(cd .whl && echo *.whl)"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl 2>&1 | tee -a "$LOG"; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        log "WARNING: wheel install failed: fla columns will read n/a"
+    fi
+else
+    log "no .whl/ folder: fla is used only if the image has it"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# 2. environment
+{
+    echo "=== environment ($(date -u +%FT%TZ), $(hostname))"
+    echo "PYTHONPATH=$PYTHONPATH"
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs",
+          "capability", torch.cuda.get_device_capability(0))
+for name in ("triton", "transformers", "einops", "fla"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"), getattr(module, "__file__", ""))
+    except Exception as e:
+        print(name, "NOT IMPORTABLE:", type(e).__name__, str(e)[:200])
+try:
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla  # noqa: F401
+    print("fla.ops.simple_gla: chunk_simple_gla, fused_recurrent_simple_gla import")
+except Exception as e:
+    print("fla.ops.simple_gla NOT IMPORTABLE:", type(e).__name__, str(e)[:200])
+import xinzhou, xinzhou.ops.lightning  # noqa: E401,F401
+print("xinzhou from", xinzhou.__file__)
+EOF
+    if command -v nvidia-smi >/dev/null; then  # read-only queries: never change the card's settings
+        nvidia-smi
+        nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
+            --format=csv
+    else
+        echo "no nvidia-smi"
+    fi
+} 2>&1 | tee -a "$LOG"
+
+# 3-6
+step "pytest tests/test_lightning_triton.py" 90 "$LOG" "$PY" -m pytest tests/test_lightning_triton.py -x -q
+step "bench_lightning ${LIGHTNING_ARGS[*]}" 190 "$OUT/bench_lightning.log" \
+    "$PY" benchmarks/bench_lightning.py "${LIGHTNING_ARGS[@]}" --out "$OUT/bench_lightning.json"
+step "bench_moe ${MOE_ARGS[*]}" 60 "$OUT/bench_moe.log" \
+    "$PY" benchmarks/bench_moe.py "${MOE_ARGS[@]}" --out "$OUT/bench_moe.json"
+step "bench_model ${MODEL_ARGS[*]}" 180 "$OUT/bench_model.log" \
+    "$PY" benchmarks/bench_model.py "${MODEL_ARGS[@]}" --out "$OUT/bench_model.json"
+
+# summary: the tables again, last, so the tool's output tail holds them
+{
+    echo
+    echo "=================== summary (${SECONDS}s) ==================="
+    for s in "${SUMMARY[@]}"; do echo "$s"; done
+    if [ -f "$OUT/bench_lightning.log" ]; then
+        echo "--- lightning (times ms; decode us)"
+        grep -E '^(relative error|peak bf16|B=|decode )' "$OUT/bench_lightning.log"
+    fi
+    [ -f "$OUT/bench_moe.log" ] && echo "--- moe" && sed -n '/^MoE block/,/^wrote/p' "$OUT/bench_moe.log"
+    if [ -f "$OUT/bench_model.log" ]; then
+        echo "--- model"
+        grep -E '^(logits|peak bf16|train |prefill |decode )' "$OUT/bench_model.log"
+    fi
+    echo "files in $OUT: $(cd "$OUT" && echo *)"
+} 2>&1 | tee -a "$LOG"
+exit "$FAILED"
