@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from timing import copy_bandwidth_bytes_per_ms, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
+from timing import copy_bandwidth_bytes_per_ms, guarded, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
 
 CHUNK = 64  # the chunk length of xinzhou's Triton kernels and of fla's chunk_simple_gla
 
@@ -106,20 +106,6 @@ def fwd_and_fwdbwd(attn: Callable, q, k, v, do, warmup: int, reps: int) -> tuple
     return time_ms(fwd, warmup, reps, DEVICE), time_ms(fwd_bwd, warmup, reps, DEVICE)
 
 
-def guarded(fn: Callable[[], tuple[float, float]], any_error: bool = False) -> tuple[float, float] | str:
-    """Timings, or why there are none. any_error: for third-party code (fla may not run on this
-    triton: block pointers were removed in triton 3.9), whose failure should not end the run."""
-    try:
-        return fn()
-    except torch.OutOfMemoryError:
-        result = "OOM"
-    except Exception as e:
-        if not any_error:
-            raise
-        result = f"error: {type(e).__name__}: {str(e)[:200]}"
-    empty_cache()  # outside the handler: its traceback no longer holds the failed call's tensors
-    return result
-
 
 def prefill_floors(B: int, T: int, H: int, peak_tflops: float, bytes_per_ms: float) -> dict:
     """FLOP and byte floors (ms) of forward and forward+backward; see the module docstring."""
@@ -172,12 +158,12 @@ def prefill_times(B: int, T: int, H: int, slopes: torch.Tensor, fla_chunk, fla_m
             a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), is_causal=True)
         return o.transpose(1, 2)
 
-    out: dict = {"xinzhou": guarded(timed(lambda a, b, c: lightning_attention(a, b, c, slopes, backend="triton")[0]))}
+    out: dict = {"xinzhou": guarded(timed(lambda a, b, c: lightning_attention(a, b, c, slopes, backend="triton")[0]), DEVICE)}
     if fla_chunk is None:
         out["fla"] = f"fla {fla_missing}"
     else:
-        out["fla"] = guarded(timed(lambda a, b, c: fla_chunk(a, b, c, g_gamma=-slopes, scale=1.0)[0]), any_error=True)
-    out["sdpa"] = "skipped" if T > PLAN.sdpa_max_t else guarded(timed(sdpa))
+        out["fla"] = guarded(timed(lambda a, b, c: fla_chunk(a, b, c, g_gamma=-slopes, scale=1.0)[0]), DEVICE, any_error=True)
+    out["sdpa"] = "skipped" if T > PLAN.sdpa_max_t else guarded(timed(sdpa), DEVICE)
     return out
 
 
@@ -221,7 +207,7 @@ def decode_times(B: int, H: int, slopes: torch.Tensor, fla_recurrent, fla_missin
     def fla_step() -> None:
         fla_recurrent(q1, k1, v1, g_gamma=-slopes, scale=1.0, initial_state=state, output_final_state=True)
 
-    fla_ms = guarded(lambda: (time_ms(fla_step, *PLAN.decode_reps, DEVICE),), any_error=True)
+    fla_ms = guarded(lambda: (time_ms(fla_step, *PLAN.decode_reps, DEVICE),), DEVICE, any_error=True)
     out["fla_us"] = 1e3 * fla_ms[0] if isinstance(fla_ms, tuple) else fla_ms
     return out
 

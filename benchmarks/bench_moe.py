@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
+from timing import guarded, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
 
 from xinzhou.ops.moe import experts_grouped, experts_loop, route
 
@@ -222,17 +222,8 @@ def time_block(block: Block, x: torch.Tensor, dy: torch.Tensor, plan: Plan, devi
     def fwd_bwd() -> None:
         forward_backward(block, x, dy)
 
-    try:
-        return {"fwd_ms": time_ms(fwd, *plan.reps, device), "fwd_bwd_ms": time_ms(fwd_bwd, *plan.reps, device)}
-    except torch.OutOfMemoryError:
-        result = "OOM"
-    except Exception as e:
-        if not any_error:
-            raise
-        result = f"error: {type(e).__name__}: {str(e)[:200]}"
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return guarded(lambda: {"fwd_ms": time_ms(fwd, *plan.reps, device), "fwd_bwd_ms": time_ms(fwd_bwd, *plan.reps, device)},
+                   device, any_error)
 
 
 def bench(plan: Plan, device: torch.device, dtype: torch.dtype, peak: float) -> list[dict]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+R = TypeVar("R")
 
 
 def time_ms(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
@@ -44,3 +47,19 @@ def copy_bandwidth_bytes_per_ms(mib: int, device: torch.device) -> float:
     y = torch.empty_like(x)
     ms = time_ms(lambda: y.copy_(x), 5, 20, device)
     return 2 * x.numel() / ms
+
+
+def guarded(fn: Callable[[], R], device: torch.device, any_error: bool = False) -> R | str:
+    """fn's timings, or why there are none: "OOM", or (any_error: third-party code whose failure
+    should not end the run) "error: ..."."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        result = "OOM"
+    except Exception as e:
+        if not any_error:
+            raise
+        result = f"error: {type(e).__name__}: {str(e)[:200]}"
+    if device.type == "cuda":  # outside the handler: its traceback no longer holds the failed call's tensors
+        torch.cuda.empty_cache()
+    return result
