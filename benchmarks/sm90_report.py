@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from xinzhou.ops import lightning_triton as lt  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
-FP32_POINTERS = {"slopes", "h0", "sums", "hs", "ht", "dht", "dh0", "state", "out"}
+FP32_POINTERS = {"slopes", "h0", "sums", "ht", "dht", "dh0", "state", "out"}
 INT_POINTERS = {"cu_seqlens", "seg_offsets", "seg_seq"}
 SCALARS = {"T", "SEG"}
 
@@ -43,7 +43,7 @@ def kernels(dtype: str, D: int) -> list[tuple[str, object, dict]]:
     return [
         ("segment_sum (k, v)", lt._segment_sum_kernel,
          dict(H=16, DX=D, DY=D, BT=lt.BT, REVERSE=False, IS_VARLEN=False, PREC=None)),
-        ("fwd", lt._fwd_kernel, dict(common, KP=p2, USE_H0=True, STORE_HS=True, STORE_HT=True)),
+        ("fwd", lt._fwd_kernel, dict(common, KP=p2, USE_H0=True, STORE_HT=True)),
         ("bwd_dq", lt._bwd_dq_kernel, dict(common, VP=p2, USE_H0=True)),
         ("bwd_dk", lt._bwd_dk_kernel, dict(common, VP=p2, USE_GT=True, STORE_DH0=True)),
         ("bwd_dv", lt._bwd_dv_kernel, dict(common, KP=p2, USE_GT=True)),

@@ -196,6 +196,37 @@ def test_segment_lengths_fill_the_gpu(monkeypatch):
         seg(1, 8192, 8192, 16, 128, cuda)
 
 
+@pytest.mark.parametrize("case", ["state", "no_state", "varlen"])
+def test_op_registration_passes_opcheck(case):
+    # schema, fake (shape-only) implementation, autograd registration and AOT dispatch of the op
+    H, K, V = 2, 16, 24
+    if case == "varlen":
+        cu = torch.tensor([0, 5, 70, 70], dtype=torch.int32, device=DEVICE)
+        q, k, v, s0 = inputs(1, 70, H, K, V, N=3)
+    else:
+        cu = None
+        q, k, v, s0 = inputs(2, 70, H, K, V, state=case == "state")
+    args = (q, k, v, slopes_for(H), s0, cu, case != "no_state")
+    torch.library.opcheck(torch.ops.xinzhou.lightning_forward.default, args)
+
+
+def test_torch_compile_keeps_the_op_in_one_graph():
+    B, T, H, K = 2, 70, 2, 16
+    q, k, v, s0 = inputs(B, T, H, K, K)
+    slopes = slopes_for(H)
+
+    def f(q, k, v, s0):
+        o, st = lightning_attention(q, k, v, slopes, s0, True, backend="triton")
+        return (o.float() ** 2).sum() + st.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    loss, loss_ref = compiled(q, k, v, s0), f(q, k, v, s0)
+    grads = torch.autograd.grad(loss, (q, k, v, s0))
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v, s0))
+    assert rel_err(loss, loss_ref) < FP32_TOL
+    assert all(rel_err(g, r) < FP32_TOL for g, r in zip(grads, grads_ref))
+
+
 @pytest.mark.parametrize("K,V", [(32, 32), (40, 24)])
 def test_decode_matches_step(K, V):
     B, H = 3, 2
@@ -209,6 +240,13 @@ def test_decode_matches_step(K, V):
         o_ref, ref_state = lightning_step(q, k, v, slopes, ref_state)
         assert rel_err(o, o_ref) < FP32_TOL
         assert rel_err(state, ref_state) < FP32_TOL
+
+
+def test_decode_op_passes_opcheck():
+    B, H, K, V = 2, 2, 16, 24
+    q, k, v = torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, V, device=DEVICE)
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    torch.library.opcheck(torch.ops.xinzhou.lightning_decode.default, (q, k, v, slopes_for(H), state))
 
 
 def test_decode_continues_prefill_bf16():

@@ -13,7 +13,6 @@ reference). Triton is imported on first use, so CPU-only callers never load it.
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
@@ -24,13 +23,17 @@ BACKENDS = ("auto", "triton", "reference")
 REFERENCE_BLOCK = 256
 
 
-@functools.cache
+_TRITON: list[ModuleType | None] = []  # filled on first use (a plain list, which torch.compile reads)
+
+
 def _triton_module() -> ModuleType | None:
-    try:
-        from xinzhou.ops import lightning_triton
-    except ImportError:
-        return None
-    return lightning_triton
+    if not _TRITON:
+        try:
+            from xinzhou.ops import lightning_triton
+        except ImportError:
+            lightning_triton = None
+        _TRITON.append(lightning_triton)
+    return _TRITON[0]
 
 
 def _triton_backend(q: torch.Tensor, backend: str) -> ModuleType | None:

@@ -28,6 +28,8 @@ Backward (dO given; dh_T the gradient of the final state):
                          both with g <- lambda^n g + (Q_c * lambda^(a+1))^T dO_c; d(initial state) = g at
                          the start, written by _bwd_dk_kernel
 Decode: _decode_kernel, one token per sequence, state updated in place.
+The launches are torch.library ops (xinzhou::lightning_forward / lightning_backward / lightning_decode)
+with fake implementations and autograd, so torch.compile keeps them inside one graph.
 
 Matmul operands are in the input dtype (the state is rounded to it for the Q h products, as fla
 does), accumulation and states in fp32; fp32 inputs use IEEE fp32 dots (no TF32). Head dims up to 256,
@@ -211,10 +213,10 @@ def _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, seg
 @triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
                  prune_configs_by={"early_config_prune": _prune_carried("BV", "K", "V")})
 @triton.jit
-def _fwd_kernel(q, k, v, o, slopes, h0, sums, hs, ht, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _fwd_kernel(q, k, v, o, slopes, h0, sums, ht, cu_seqlens, seg_offsets, seg_seq, T, SEG,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
-                BV: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, STORE_HS: tl.constexpr,
-                STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                BV: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, STORE_HT: tl.constexpr,
+                IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
                                                                    T, SEG, IS_VARLEN)
@@ -230,8 +232,6 @@ def _fwd_kernel(q, k, v, o, slopes, h0, sums, hs, ht, cu_seqlens, seg_offsets, s
     d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))  # lambda^(a+1)
 
     b_h = _start_state(sums, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, SEGMENTED)
-    if STORE_HS:  # the backward's dq kernel starts from it
-        tl.store(hs + (i_s.to(tl.int64) * H + i_h) * K * V + kv_off, b_h, mask=m_kv)
     for c in range(0, tl.cdiv(seg_len, BT)):
         tok = bos + start + c * BT  # int64: first token of the chunk
         n = tl.minimum(seg_len - c * BT, BT)
@@ -257,7 +257,7 @@ def _fwd_kernel(q, k, v, o, slopes, h0, sums, hs, ht, cu_seqlens, seg_offsets, s
 @triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
                  prune_configs_by={"early_config_prune": _prune_carried("BK", "V", "K")})
 @triton.jit
-def _bwd_dq_kernel(k, v, do, dq, slopes, h0, hs, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _bwd_dq_kernel(k, v, do, dq, slopes, h0, sums, cu_seqlens, seg_offsets, seg_seq, T, SEG,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr,
                    PREC: tl.constexpr):
@@ -274,11 +274,7 @@ def _bwd_dq_kernel(k, v, do, dq, slopes, h0, hs, cu_seqlens, seg_offsets, seg_se
     causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
     d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
 
-    if SEGMENTED:  # the forward stored every segment's start state
-        b_h = tl.load(hs + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=m_kv, other=0.)
-    else:
-        b_h = _start_state(hs, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, False)
+    b_h = _start_state(sums, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, SEGMENTED)
     for c in range(0, tl.cdiv(seg_len, BT)):
         tok = bos + start + c * BT
         n = tl.minimum(seg_len - c * BT, BT)
@@ -428,6 +424,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: tor
                            "triton is first imported to run the kernels on the CPU, or use backend='reference'")
 
 
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
+    if B != 1:
+        raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {B}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor: got {cu_seqlens.dtype} "
+                         f"{list(cu_seqlens.shape)}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}: got {bounds}")
+
+
 def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None  # None: tl.dot's default for 16-bit operands
 
@@ -469,11 +476,7 @@ class _Layout:
             self.segmented = per_seq > 1
             self.cu_seqlens = self.seg_offsets = self.seg_seq = None
             return
-        if B != 1:
-            raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {B}")
-        bounds = [int(x) for x in cu_seqlens.tolist()]
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must rise from 0 to T = {T}: got {bounds}")
+        bounds = [int(x) for x in cu_seqlens.tolist()]  # a host sync; fixed-length calls have none
         lens = [b - a for a, b in zip(bounds, bounds[1:])]
         self.n_seq = len(lens)
         self.seg = _segment_len(len(lens), T, max(lens), H, v.shape[-1], q.device)
@@ -483,7 +486,7 @@ class _Layout:
             offsets.append(offsets[-1] + c)
         self.n_rows = offsets[-1]
         self.segmented = max(counts) > 1
-        self.cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+        self.cu_seqlens = cu_seqlens
         self.seg_offsets = torch.tensor(offsets, dtype=torch.int32, device=q.device)
         self.seg_seq = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.int32,
                                     device=q.device)
@@ -506,84 +509,118 @@ class _Layout:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, h0: torch.Tensor | None,
-             lay: _Layout, store_final: bool, store_starts: bool):
-    """o, final states [N, H, K, V] fp32 (or None) and, segmented with store_starts, the segments'
-    start states [rows, H, K, V] fp32 for the backward (else None)."""
+             lay: _Layout, store_final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o and, with store_final, the final states [N, H, K, V] fp32."""
     K, V = q.shape[-1], v.shape[-1]
     o = _empty(v.shape, v.dtype, v.device)
     ht = _empty((lay.n_seq, lay.H, K, V), torch.float32, q.device) if store_final else None
-    store_hs = store_starts and lay.segmented
-    hs = _empty((lay.n_rows, lay.H, K, V), torch.float32, q.device) if store_hs else None
     if lay.n_rows * lay.H == 0:
-        return o, ht, hs
+        return o, ht
     sums = lay.segment_sums(k, v, slopes, reverse=False) if lay.segmented else None
     _fwd_kernel[lay.grid(V, "BV")](
-        q, k, v, o, slopes, h0, sums, hs, ht, *lay.args(), H=lay.H, K=K, V=V, KP=_p2(K), BT=BT,
-        USE_H0=h0 is not None, SEGMENTED=lay.segmented, STORE_HS=store_hs, STORE_HT=store_final,
-        IS_VARLEN=lay.is_varlen, PREC=_precision(q.dtype))
-    return o, ht, hs
+        q, k, v, o, slopes, h0, sums, ht, *lay.args(), H=lay.H, K=K, V=V, KP=_p2(K), BT=BT,
+        USE_H0=h0 is not None, SEGMENTED=lay.segmented, STORE_HT=store_final, IS_VARLEN=lay.is_varlen,
+        PREC=_precision(q.dtype))
+    return o, ht
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, h0: torch.Tensor | None,
-              hs: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, lay: _Layout, want_dh0: bool):
+              do: torch.Tensor, dht: torch.Tensor | None, lay: _Layout, want_dh0: bool):
+    """dq, dk, dv and, with want_dh0, the initial states' gradient. Segmented, the segment sums are
+    recomputed (one more read of k, v) rather than kept from the forward."""
     K, V = q.shape[-1], v.shape[-1]
-    prec = _precision(q.dtype)
     dq, dk = _empty(q.shape, q.dtype, q.device), _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     dh0 = _empty((lay.n_seq, lay.H, K, V), torch.float32, q.device) if want_dh0 else None
     if lay.n_rows * lay.H == 0:
         return dq, dk, dv, dh0
-    sums = lay.segment_sums(q, do, slopes, reverse=True) if lay.segmented else None
-    common = dict(H=lay.H, K=K, V=V, BT=BT, SEGMENTED=lay.segmented, IS_VARLEN=lay.is_varlen, PREC=prec)
-    _bwd_dq_kernel[lay.grid(K, "BK")](k, v, do, dq, slopes, h0, hs, *lay.args(), VP=_p2(V),
+    states = lay.segment_sums(k, v, slopes, reverse=False) if lay.segmented else None
+    grads = lay.segment_sums(q, do, slopes, reverse=True) if lay.segmented else None
+    common = {"H": lay.H, "K": K, "V": V, "BT": BT, "SEGMENTED": lay.segmented, "IS_VARLEN": lay.is_varlen,
+              "PREC": _precision(q.dtype)}
+    _bwd_dq_kernel[lay.grid(K, "BK")](k, v, do, dq, slopes, h0, states, *lay.args(), VP=_p2(V),
                                       USE_H0=h0 is not None, **common)
-    _bwd_dk_kernel[lay.grid(K, "BK")](q, v, do, dk, slopes, sums, dht, dh0, *lay.args(), VP=_p2(V),
+    _bwd_dk_kernel[lay.grid(K, "BK")](q, v, do, dk, slopes, grads, dht, dh0, *lay.args(), VP=_p2(V),
                                       USE_GT=dht is not None, STORE_DH0=want_dh0, **common)
-    _bwd_dv_kernel[lay.grid(V, "BV")](q, k, do, dv, slopes, sums, dht, *lay.args(), KP=_p2(K),
+    _bwd_dv_kernel[lay.grid(V, "BV")](q, k, do, dv, slopes, grads, dht, *lay.args(), KP=_p2(K),
                                       USE_GT=dht is not None, **common)
     return dq, dk, dv, dh0
 
 
-class LightningAttentionFunction(torch.autograd.Function):
-    """Autograd for the fused kernels; slopes get no gradient, the initial state does."""
+# ---------------------------------------------------------------------------------------------
+# torch.library ops: opaque to torch.compile (which then neither traces into the autotuner nor
+# breaks the graph), with fake (shape-only) implementations and autograd. Absent optional outputs
+# are empty tensors, since ops return tensors only.
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                initial_state: torch.Tensor | None, output_final_state: bool, lay: _Layout):
-        o, ht, hs = _forward(q, k, v, slopes, initial_state, lay, output_final_state,
-                             store_starts=any(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(q, k, v, slopes, initial_state, hs)
-        ctx.lay = lay
-        ctx.set_materialize_grads(False)
-        return o, ht
+def _none_if_empty(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or t.numel() == 0 else t
 
-    @staticmethod
-    def backward(ctx, do: torch.Tensor | None, dht: torch.Tensor | None):
-        q, k, v, slopes, h0, hs = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(v)
-        want_dh0 = h0 is not None and ctx.needs_input_grad[4]
-        if hs is None and ctx.lay.segmented:  # only the initial state wants a gradient
-            hs = _forward(q, k, v, slopes, h0, ctx.lay, False, store_starts=True)[2]
-        dq, dk, dv, dh0 = _backward(q, k, v, slopes, h0, hs, do.contiguous(),
-                                    dht.contiguous() if dht is not None else None, ctx.lay, want_dh0)
-        return dq, dk, dv, None, dh0, None, None
+
+@torch.library.custom_op("xinzhou::lightning_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    o, ht = _forward(q, k, v, slopes, initial_state, _Layout(q, v, cu_seqlens), output_final_state)
+    return o, ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_forward_op.register_fake
+def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    shape = (N, q.shape[2], q.shape[3], v.shape[3]) if output_final_state else (0,)
+    return torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("xinzhou::lightning_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                 initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
+                 dht: torch.Tensor | None, want_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dh0 = _backward(q, k, v, slopes, initial_state, do, dht, _Layout(q, v, cu_seqlens), want_dh0)
+    return dq, dk, dv, dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_backward_op.register_fake
+def _(q, k, v, slopes, initial_state, cu_seqlens, do, dht, want_dh0):
+    dh0 = torch.empty_like(initial_state) if want_dh0 else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, slopes, initial_state, cu_seqlens, _ = inputs
+    ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens)
+
+
+def _backward_autograd(ctx, do: torch.Tensor | None, dht: torch.Tensor | None):
+    q, k, v, slopes, h0, cu_seqlens = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dht = _none_if_empty(dht)
+    want_dh0 = h0 is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dh0 = _backward_op(q, k, v, slopes, h0, cu_seqlens, do,
+                                   dht.contiguous() if dht is not None else None, want_dh0)
+    return dq, dk, dv, None, _none_if_empty(dh0), None, None
+
+
+_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
 def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                               initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q, k: [B, T, H, K]; v: [B, T, H, V]; slopes [H]; initial_state [N, H, K, V] (N = B, or the number
-    of sequences in cu_seqlens with B = 1). Returns (o [B, T, H, V] in q's dtype, final states fp32 or None)."""
+    of sequences in cu_seqlens with B = 1). Returns (o [B, T, H, V] in q's dtype, final states fp32 or None).
+    Slopes get no gradient; q, k, v and the initial state do."""
     _check_inputs(q, k, v, slopes)
-    lay = _Layout(q, v, cu_seqlens)
-    K, V = q.shape[-1], v.shape[-1]
-    if initial_state is not None and initial_state.shape != (lay.n_seq, lay.H, K, V):
-        raise ValueError(f"initial_state must be [N, H, K, V] = {[lay.n_seq, lay.H, K, V]}: "
-                         f"got {list(initial_state.shape)}")
+    B, T, H, K = q.shape
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, B, T)
+    N, V = (B if cu_seqlens is None else cu_seqlens.shape[0] - 1), v.shape[-1]
+    if initial_state is not None and initial_state.shape != (N, H, K, V):
+        raise ValueError(f"initial_state must be [N, H, K, V] = {[N, H, K, V]}: got {list(initial_state.shape)}")
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    return LightningAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                            slopes.detach().float().contiguous(), h0, output_final_state, lay)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cu_seqlens is not None else None
+    o, ht = _forward_op(q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(),
+                        h0, cu, output_final_state)
+    return o, (ht if output_final_state else None)
 
 
 def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
@@ -605,12 +642,24 @@ def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if not q.is_cuda and not INTERPRET:
         raise RuntimeError("triton lightning decode got CPU tensors: set TRITON_INTERPRET=1 before triton is "
                            "first imported, or use backend='reference'")
+    return _decode_op(q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(), state)
+
+
+@torch.library.custom_op("xinzhou::lightning_decode", mutates_args=("state",))
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+               state: torch.Tensor) -> torch.Tensor:
+    B, H, K = q.shape
+    V = v.shape[-1]
     o = _empty((B, H, V), q.dtype, q.device)
     if B * H == 0:
         return o
     BK = _p2(K)
     BV = min(_p2(V), 32 if BK <= 128 else 16)  # keeps the fp32 state tile at <= 4K elements per program
-    _decode_kernel[(B * H, triton.cdiv(V, BV))](
-        q.contiguous(), k.contiguous(), v.contiguous(), state, o, slopes.detach().float().contiguous(),
-        H=H, K=K, V=V, BK=BK, BV=BV, num_warps=4)
+    _decode_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, state, o, slopes, H=H, K=K, V=V, BK=BK, BV=BV,
+                                                num_warps=4)
     return o
+
+
+@_decode_op.register_fake
+def _(q, k, v, slopes, state):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
