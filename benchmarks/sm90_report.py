@@ -32,7 +32,7 @@ from xinzhou.ops import lightning_triton as lt  # noqa: E402
 SMEM_LIMIT = 227 * 1024
 FP32_POINTERS = {"slopes", "h0", "sums", "ht", "dht", "dh0", "state", "out"}
 INT_POINTERS = {"cu_seqlens", "seg_offsets", "seg_seq"}
-SCALARS = {"T", "SEG"}
+SCALARS = {"T", "SEG", "TUNE"}
 
 
 def kernels(dtype: str, D: int) -> list[tuple[str, object, dict]]:
@@ -70,7 +70,7 @@ def aligned(fn, sig: dict) -> dict:
     """What a launch on real tensors tells the compiler: pointers 16-byte aligned, T and SEG multiples
     of 16 (T = 2K..128K, SEG a multiple of 64). Without it loads are not vectorised."""
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in sig.items()
-            if kind.startswith("*") or name in SCALARS}
+            if kind.startswith("*") or name in ("T", "SEG")}
 
 
 def ptxas_report(ptx: str) -> dict:

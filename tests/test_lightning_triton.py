@@ -151,6 +151,19 @@ def test_varlen_without_initial_state():
     assert rel_err(o, o_ref) < FP32_TOL and rel_err(st, st_ref) < FP32_TOL
 
 
+def test_float16_large_state_stays_finite():
+    # a slowly decaying head accumulates a state past float16's 65504 (1600 per token and entry) while
+    # the outputs stay within it (about 2500 at the end): computed in bf16, nothing overflows
+    B, T, H, K = 1, 96, 1, 16
+    q = torch.full((B, T, H, K), 1e-3, device=DEVICE, dtype=torch.float16)
+    k = v = torch.full((B, T, H, K), 40.0, device=DEVICE, dtype=torch.float16)
+    slopes = torch.tensor([1e-4], device=DEVICE)
+    o, st = lightning_attention(q, k, v, slopes, output_final_state=True, backend="triton")
+    o_ref, st_ref = lightning_naive(q.float(), k.float(), v.float(), slopes)
+    assert o.dtype == torch.float16 and bool(torch.isfinite(o).all())
+    assert rel_err(o, o_ref) < BF16_TOL and rel_err(st, st_ref) < BF16_TOL
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype, segment):
     B, T, H, K = 1, 100, 2, 64
@@ -183,14 +196,17 @@ def test_segment_lengths_fill_the_gpu(monkeypatch):
     seg = lightning_triton._segment_len
     monkeypatch.setattr(lightning_triton, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    # B=1, H=16, D=128: 32 programs from whole sequences, so 9 segments of 960 tokens (15 chunks)
-    assert seg(1, 8192, 8192, 16, 128, cuda) == 960
-    assert seg(1, 131072, 131072, 16, 128, cuda) == 14592
+    # B=1, H=16, D=128: 32 programs a segment (64-wide V blocks), one program per SM: 4 segments
+    assert seg(1, 8192, 8192, 16, 128, cuda) == 2048
+    assert seg(1, 131072, 131072, 16, 128, cuda) == 32768
+    assert seg(2, 2 * 8192, 8192, 16, 128, cuda) == 4096  # 2 sequences x 2 segments
     # short sequences never get segments below MIN_SEGMENT, nor longer than the sequence
-    assert seg(1, 2048, 2048, 16, 128, cuda) == 256
+    assert seg(1, 512, 512, 16, 128, cuda) == 256
     assert seg(1, 100, 100, 16, 128, cuda) == 128
     # B=4, H=32: 256 programs from whole sequences, already more than the SMs
     assert seg(4, 4 * 8192, 8192, 32, 128, cuda) == 8192
+    # the `small` preset's lightning layers (H=16, D=64) at (1, 8192): 16 programs a segment, 8 segments
+    assert seg(1, 8192, 8192, 16, 64, cuda) == 1024
     monkeypatch.setattr(lightning_triton, "SEGMENT_LEN", 100)
     with pytest.raises(ValueError, match="multiple of 64"):
         seg(1, 8192, 8192, 16, 128, cuda)

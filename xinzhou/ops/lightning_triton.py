@@ -9,11 +9,13 @@ chunk c, g_c the gradient of the state after chunk c, M_ab = lambda^(a-b) for a 
 Design: one program walks the chunks of a stretch of one sequence in order and keeps the state
 in registers (fp32), so no per-chunk state ever goes to memory (fla's chunk kernels write and
 re-read a [K, V] state per chunk; MiniMax's decay is a constant per head, which is what lets the
-recurrence stay inside one program). To fill the GPU when B*H is small, each sequence is cut into
-segments of SEG tokens (a multiple of BT) that run in parallel: a cheap pre-pass sums each
-segment's own contribution to the state, and a program finds its start state from the sums of the
-segments before it (after it, going backwards). With B*H large enough there is one segment per
-sequence and no pre-pass.
+recurrence stay inside one program). A program uses most of an SM's registers, so one runs per SM.
+When B*H is too small to give every SM a program, each sequence is cut into segments of SEG tokens
+(a multiple of BT), as many as fill the SMs once, that run in parallel: a pre-pass sums each
+segment's own contribution to the state (one more read of two inputs), and a program finds its
+start state from the sums of the segments before it (after it, going backwards). With B*H large
+enough there is one segment per sequence and no pre-pass. Grids put a segment's V (or K) blocks
+side by side, so the programs that re-read the same q/k tiles share them through L2.
 
 Forward:
     _segment_sum_kernel  (segmented only) E_s = sum_{t in s} lambda^(end_s - 1 - t) k_t^T v_t
@@ -21,18 +23,19 @@ Forward:
                          for each chunk: O_c = (Q_c h) * lambda^(a+1) + ((Q_c K_c^T) * M) V_c,
                                          h <- lambda^n h + (K_c * lambda^(n-1-b))^T V_c
 Backward (dO given; dh_T the gradient of the final state):
-    _segment_sum_kernel  (segmented only) G_s = sum_{t in s} lambda^(t + 1 - start_s) q_t^T do_t
+    _segment_sum_kernel  (segmented only) E_s again, and G_s = sum_{t in s} lambda^(t + 1 - start_s) q_t^T do_t
     _bwd_dq_kernel       forwards, per K block: dQ_c = (dO_c h^T) * lambda^(a+1) + ((dO_c V_c^T) * M) K_c
     _bwd_dk_kernel       backwards, per K block: dK_c = (V_c g^T) * lambda^(n-1-b) + ((dO_c V_c^T) * M)^T Q_c
     _bwd_dv_kernel       backwards, per V block: dV_c = (K_c g) * lambda^(n-1-b) + ((K_c Q_c^T) * M^T) dO_c
                          both with g <- lambda^n g + (Q_c * lambda^(a+1))^T dO_c; d(initial state) = g at
                          the start, written by _bwd_dk_kernel
 Decode: _decode_kernel, one token per sequence, state updated in place.
-The launches are torch.library ops (xinzhou::lightning_forward / lightning_backward / lightning_decode)
-with fake implementations and autograd, so torch.compile keeps them inside one graph.
+Under torch.compile the launches are torch.library ops (xinzhou::lightning_forward / lightning_backward /
+lightning_decode) with fake implementations and autograd, so the compiler keeps them inside one graph.
 
 Matmul operands are in the input dtype (the state is rounded to it for the Q h products, as fla
-does), accumulation and states in fp32; fp32 inputs use IEEE fp32 dots (no TF32). Head dims up to 256,
+does), accumulation and states in fp32; fp32 inputs use IEEE fp32 dots (no TF32); float16 inputs are
+computed in bfloat16 (a state rounded to float16 overflows). Head dims up to 256,
 of any size (tiles are masked). CPU tensors work under TRITON_INTERPRET=1 (set before triton is imported).
 """
 
@@ -76,22 +79,28 @@ def _dot(a, b, PREC: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------
 # Launch configurations. A sequential kernel carries one fp32 tile of the state ([full K, BV] or
-# [BK, full V]); the pruning keeps that tile at <= 8K elements (64 registers a thread at 4 warps).
+# [BK, full V]) in registers for its whole loop; configs where that tile takes more than
+# CARRIED_REGS registers a thread are pruned (on sm_90a those are the ones ptxas spills for; see
+# benchmarks/sm90_report.py). Three pipeline stages never paid for their shared memory there.
+CARRIED_REGS = 32
+NOMINAL_BLOCK = 64  # the V block assumed when counting programs to choose segments
+
 
 def _configs(names: tuple[str, str], tiles: tuple[tuple[int, int], ...]) -> list[triton.Config]:
     if INTERPRET:  # one config; small blocks make the tests cross block boundaries
         return [triton.Config({names[0]: 16, names[1]: 16})]
     return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s)
-            for a, b in tiles for w in (4, 8) for s in (1, 2, 3)]
+            for a, b in tiles for w in (4, 8) for s in (1, 2)]
 
 
 def _prune_carried(block: str, full: str, other: str):
-    """Keep configs whose carried state tile [p2(full), block] is at most 8K fp32 elements."""
+    """Keep configs whose carried tile [p2(full), block] fits CARRIED_REGS fp32 registers a thread."""
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         span, limit = _p2(args[full]), _p2(args[other])
-        kept = [c for c in configs if c.kwargs[block] <= limit and span * c.kwargs[block] <= 8192]
-        return kept or [min(configs, key=lambda c: c.kwargs[block])]
+        kept = [c for c in configs if c.kwargs[block] <= limit
+                and span * c.kwargs[block] <= CARRIED_REGS * 32 * c.num_warps]
+        return kept or [min(configs, key=lambda c: (c.kwargs[block], -c.num_warps))]
     return prune
 
 
@@ -105,7 +114,13 @@ def _prune_sum(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 def _seq_configs(block: str) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({block: 16})]
-    return [triton.Config({block: b}, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+    return [triton.Config({block: b}, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (4, 8) for s in (1, 2)]
+
+
+def _tune_bucket(seg: int) -> int:
+    """Autotuning key for the chunks a program walks (1, 2-3, 4-7, ... chunks): the best pipelining
+    for 4 chunks need not be the best for 200."""
+    return min(max(seg // BT, 1).bit_length(), 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,16 +148,17 @@ def _locate(i_s, cu_seqlens, seg_offsets, seg_seq, T, SEG, IS_VARLEN: tl.constex
 
 
 @triton.autotune(configs=_configs(("BX", "BY"), ((64, 64), (64, 128), (128, 64), (128, 128))),
-                 key=["H", "DX", "DY", "IS_VARLEN", "REVERSE"], prune_configs_by={"early_config_prune": _prune_sum})
+                 key=["H", "DX", "DY", "IS_VARLEN", "REVERSE", "TUNE"], prune_configs_by={"early_config_prune": _prune_sum})
 @triton.jit
-def _segment_sum_kernel(x, y, out, slopes, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _segment_sum_kernel(x, y, out, slopes, cu_seqlens, seg_offsets, seg_seq, T, SEG, TUNE,
                         H: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr,
                         BX: tl.constexpr, BY: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
                         PREC: tl.constexpr):
     """out[s] = sum over the segment's tokens t of w_t x_t^T y_t, w_t = lambda^(end - 1 - t) (the
     segment's state from zero) or, REVERSE, lambda^(t + 1 - start) (its gradient at the start from zero).
     Only rows another segment reads are computed: not the last of a sequence (first, REVERSE)."""
-    i_s, i_h, i_xy = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_xy = tl.cdiv(DX, BX) * tl.cdiv(DY, BY)
+    i_s, i_xy, i_h = tl.program_id(0) // n_xy, tl.program_id(0) % n_xy, tl.program_id(1)
     i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
                                                                    T, SEG, IS_VARLEN)
     if REVERSE:
@@ -210,14 +226,14 @@ def _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, seg
     return b_g
 
 
-@triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+@triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED", "TUNE"],
                  prune_configs_by={"early_config_prune": _prune_carried("BV", "K", "V")})
 @triton.jit
-def _fwd_kernel(q, k, v, o, slopes, h0, sums, ht, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _fwd_kernel(q, k, v, o, slopes, h0, sums, ht, cu_seqlens, seg_offsets, seg_seq, T, SEG, TUNE,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
                 BV: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, STORE_HT: tl.constexpr,
                 IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_v, i_h = tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(1)
     i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
                                                                    T, SEG, IS_VARLEN)
     slope = tl.load(slopes + i_h).to(tl.float32)
@@ -228,8 +244,8 @@ def _fwd_kernel(q, k, v, o, slopes, h0, sums, ht, cu_seqlens, seg_offsets, seg_s
     m_kv = m_k[:, None] & m_v[None, :]
     kv_off = o_k[:, None] * V + o_v[None, :]
     diff = o_t[:, None] - o_t[None, :]  # a - b
-    causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)  # M
-    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))  # lambda^(a+1)
+    decay_m = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)  # M
+    decay_q = tl.exp(-slope * (o_t + 1).to(tl.float32))  # lambda^(a+1)
 
     b_h = _start_state(sums, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, SEGMENTED)
     for c in range(0, tl.cdiv(seg_len, BT)):
@@ -242,26 +258,26 @@ def _fwd_kernel(q, k, v, o, slopes, h0, sums, ht, cu_seqlens, seg_offsets, seg_s
                       mask=m_t[:, None] & m_k[None, :], other=0.)
         b_v = tl.load(v + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
                       mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_a = (_dot(b_q, tl.trans(b_k), PREC) * causal).to(b_v.dtype)
-        b_o = _dot(b_q, b_h.to(b_q.dtype), PREC) * d_q[:, None] + _dot(b_a, b_v, PREC)
+        b_a = (_dot(b_q, tl.trans(b_k), PREC) * decay_m).to(b_v.dtype)
+        b_o = _dot(b_q, b_h.to(b_q.dtype), PREC) * decay_q[:, None] + _dot(b_a, b_v, PREC)
         tl.store(o + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
-        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)  # lambda^(n-1-b)
+        decay_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)  # lambda^(n-1-b)
         b_h = b_h * tl.exp(-slope * n.to(tl.float32)) + \
-            _dot(tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, PREC)
+            _dot(tl.trans((b_k * decay_k[:, None]).to(b_k.dtype)), b_v, PREC)
     if STORE_HT:
         if j == n_segs - 1:
             tl.store(ht + (i_n.to(tl.int64) * H + i_h) * K * V + kv_off, b_h, mask=m_kv)
 
 
-@triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+@triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED", "TUNE"],
                  prune_configs_by={"early_config_prune": _prune_carried("BK", "V", "K")})
 @triton.jit
-def _bwd_dq_kernel(k, v, do, dq, slopes, h0, sums, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _bwd_dq_kernel(k, v, do, dq, slopes, h0, sums, cu_seqlens, seg_offsets, seg_seq, T, SEG, TUNE,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, USE_H0: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr,
                    PREC: tl.constexpr):
-    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_k, i_h = tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(1)
     i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
                                                                    T, SEG, IS_VARLEN)
     slope = tl.load(slopes + i_h).to(tl.float32)
@@ -271,8 +287,8 @@ def _bwd_dq_kernel(k, v, do, dq, slopes, h0, sums, cu_seqlens, seg_offsets, seg_
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     diff = o_t[:, None] - o_t[None, :]  # a - b
-    causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
-    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    decay_m = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
+    decay_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
 
     b_h = _start_state(sums, h0, slope, i_h, i_n, j, row0, SEG, o_k, o_v, m_kv, H, K, V, USE_H0, SEGMENTED)
     for c in range(0, tl.cdiv(seg_len, BT)):
@@ -285,23 +301,23 @@ def _bwd_dq_kernel(k, v, do, dq, slopes, h0, sums, cu_seqlens, seg_offsets, seg_
                       mask=m_t[:, None] & m_v[None, :], other=0.)
         b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_ds = (_dot(b_do, tl.trans(b_v), PREC) * causal).to(b_k.dtype)  # (dO V^T) * M: [a, b]
-        b_dq = _dot(b_do, tl.trans(b_h.to(b_do.dtype)), PREC) * d_q[:, None] + _dot(b_ds, b_k, PREC)
+        b_ds = (_dot(b_do, tl.trans(b_v), PREC) * decay_m).to(b_k.dtype)  # (dO V^T) * M: [a, b]
+        b_dq = _dot(b_do, tl.trans(b_h.to(b_do.dtype)), PREC) * decay_q[:, None] + _dot(b_ds, b_k, PREC)
         tl.store(dq + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
                  mask=m_t[:, None] & m_k[None, :])
-        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
+        decay_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
         b_h = b_h * tl.exp(-slope * n.to(tl.float32)) + \
-            _dot(tl.trans((b_k * d_k[:, None]).to(b_k.dtype)), b_v, PREC)
+            _dot(tl.trans((b_k * decay_k[:, None]).to(b_k.dtype)), b_v, PREC)
 
 
-@triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+@triton.autotune(configs=_seq_configs("BK"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED", "TUNE"],
                  prune_configs_by={"early_config_prune": _prune_carried("BK", "V", "K")})
 @triton.jit
-def _bwd_dk_kernel(q, v, do, dk, slopes, sums, dht, dh0, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _bwd_dk_kernel(q, v, do, dk, slopes, sums, dht, dh0, cu_seqlens, seg_offsets, seg_seq, T, SEG, TUNE,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, USE_GT: tl.constexpr, SEGMENTED: tl.constexpr, STORE_DH0: tl.constexpr,
                    IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_s, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_k, i_h = tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(1)
     i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
                                                                    T, SEG, IS_VARLEN)
     slope = tl.load(slopes + i_h).to(tl.float32)
@@ -311,8 +327,8 @@ def _bwd_dk_kernel(q, v, do, dk, slopes, sums, dht, dh0, cu_seqlens, seg_offsets
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     diff = o_t[:, None] - o_t[None, :]  # a - b
-    causal = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
-    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    decay_m = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)
+    decay_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
 
     b_g = _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, start + seg_len,
                         o_k, o_v, m_kv, H, K, V, USE_GT, SEGMENTED)
@@ -328,26 +344,26 @@ def _bwd_dk_kernel(q, v, do, dk, slopes, sums, dht, dh0, cu_seqlens, seg_offsets
                       mask=m_t[:, None] & m_v[None, :], other=0.)
         b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_ds = (_dot(b_do, tl.trans(b_v), PREC) * causal).to(b_q.dtype)  # [a, b]
-        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
-        b_dk = _dot(b_v, tl.trans(b_g.to(b_v.dtype)), PREC) * d_k[:, None] + _dot(tl.trans(b_ds), b_q, PREC)
+        b_ds = (_dot(b_do, tl.trans(b_v), PREC) * decay_m).to(b_q.dtype)  # [a, b]
+        decay_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
+        b_dk = _dot(b_v, tl.trans(b_g.to(b_v.dtype)), PREC) * decay_k[:, None] + _dot(tl.trans(b_ds), b_q, PREC)
         tl.store(dk + (tok * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty),
                  mask=m_t[:, None] & m_k[None, :])
         b_g = b_g * tl.exp(-slope * n.to(tl.float32)) + \
-            _dot(tl.trans((b_q * d_q[:, None]).to(b_q.dtype)), b_do, PREC)
+            _dot(tl.trans((b_q * decay_q[:, None]).to(b_q.dtype)), b_do, PREC)
     if STORE_DH0:
         if j == 0:
             tl.store(dh0 + (i_n.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_g, mask=m_kv)
 
 
-@triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED"],
+@triton.autotune(configs=_seq_configs("BV"), key=["H", "K", "V", "IS_VARLEN", "SEGMENTED", "TUNE"],
                  prune_configs_by={"early_config_prune": _prune_carried("BV", "K", "V")})
 @triton.jit
-def _bwd_dv_kernel(q, k, do, dv, slopes, sums, dht, cu_seqlens, seg_offsets, seg_seq, T, SEG,
+def _bwd_dv_kernel(q, k, do, dv, slopes, sums, dht, cu_seqlens, seg_offsets, seg_seq, T, SEG, TUNE,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
                    BV: tl.constexpr, USE_GT: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr,
                    PREC: tl.constexpr):
-    i_s, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_v, i_h = tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(1)
     i_n, j, n_segs, row0, bos, seq_len, start, seg_len = _locate(i_s, cu_seqlens, seg_offsets, seg_seq,
                                                                    T, SEG, IS_VARLEN)
     slope = tl.load(slopes + i_h).to(tl.float32)
@@ -357,8 +373,8 @@ def _bwd_dv_kernel(q, k, do, dv, slopes, sums, dht, cu_seqlens, seg_offsets, seg
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     diff = o_t[None, :] - o_t[:, None]  # a - b, rows are b
-    causal_t = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)  # M^T
-    d_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    decay_mt = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.)  # M^T
+    decay_q = tl.exp(-slope * (o_t + 1).to(tl.float32))
 
     b_g = _end_gradient(sums, dht, slope, i_h, i_n, j, n_segs, row0, SEG, seq_len, start + seg_len,
                         o_k, o_v, m_kv, H, K, V, USE_GT, SEGMENTED)
@@ -374,13 +390,13 @@ def _bwd_dv_kernel(q, k, do, dv, slopes, sums, dht, cu_seqlens, seg_offsets, seg
                       mask=m_t[:, None] & m_k[None, :], other=0.)
         b_do = tl.load(do + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_a = (_dot(b_k, tl.trans(b_q), PREC) * causal_t).to(b_do.dtype)  # (K Q^T) * M^T: [b, a]
-        d_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
-        b_dv = _dot(b_k, b_g.to(b_k.dtype), PREC) * d_k[:, None] + _dot(b_a, b_do, PREC)
+        b_a = (_dot(b_k, tl.trans(b_q), PREC) * decay_mt).to(b_do.dtype)  # (K Q^T) * M^T: [b, a]
+        decay_k = tl.where(m_t, tl.exp(-slope * (n - 1 - o_t).to(tl.float32)), 0.)
+        b_dv = _dot(b_k, b_g.to(b_k.dtype), PREC) * decay_k[:, None] + _dot(b_a, b_do, PREC)
         tl.store(dv + (tok * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
         b_g = b_g * tl.exp(-slope * n.to(tl.float32)) + \
-            _dot(tl.trans((b_q * d_q[:, None]).to(b_q.dtype)), b_do, PREC)
+            _dot(tl.trans((b_q * decay_q[:, None]).to(b_q.dtype)), b_do, PREC)
 
 
 @triton.jit
@@ -445,18 +461,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _segment_len(n_seq: int, total_tokens: int, longest: int, H: int, V: int, device: torch.device) -> int:
-    """Tokens per segment. With at least one program per SM in the V-blocked kernels (64-wide V
-    blocks) from whole sequences, a whole sequence; else enough segments for about two programs per
-    SM, none shorter than MIN_SEGMENT."""
+    """Tokens per segment. The sequential kernels use most of an SM's registers, so one program runs
+    per SM: with at least one program per SM from whole sequences, a whole sequence; else as many
+    segments as fill the SMs once (more would add a wave, fewer would idle SMs), none shorter than
+    MIN_SEGMENT."""
     if SEGMENT_LEN is not None:
         if SEGMENT_LEN <= 0 or SEGMENT_LEN % BT:
             raise ValueError(f"SEGMENT_LEN must be a positive multiple of {BT}: got {SEGMENT_LEN}")
         return SEGMENT_LEN
     whole = max(BT, triton.cdiv(longest, BT) * BT)
-    programs_per_segment = H * triton.cdiv(V, 64)
-    if n_seq * programs_per_segment >= _sm_count(device):
+    programs_per_segment = H * triton.cdiv(V, NOMINAL_BLOCK)
+    segments = _sm_count(device) // programs_per_segment
+    if n_seq >= segments:
         return whole
-    segments = triton.cdiv(2 * _sm_count(device), programs_per_segment)
     return min(whole, max(MIN_SEGMENT, triton.cdiv(triton.cdiv(total_tokens, segments), BT) * BT))
 
 
@@ -492,17 +509,20 @@ class _Layout:
                                     device=q.device)
 
     def args(self) -> tuple:
-        return self.cu_seqlens, self.seg_offsets, self.seg_seq, self.T, self.seg
+        """The kernels' common arguments: where the segments are, and the autotuning bucket."""
+        return self.cu_seqlens, self.seg_offsets, self.seg_seq, self.T, self.seg, _tune_bucket(self.seg)
 
     def grid(self, dim: int, block: str):
-        return lambda meta: (self.n_rows, self.H, triton.cdiv(dim, meta[block]))
+        # axis 0 = (segment row, block), blocks fastest: the programs that share a segment's q/k (or
+        # v/dO) tiles run side by side and hit L2; axis 0 is also the only one not capped at 65535
+        return lambda meta: (self.n_rows * triton.cdiv(dim, meta[block]), self.H)
 
     def segment_sums(self, x: torch.Tensor, y: torch.Tensor, slopes: torch.Tensor, reverse: bool) -> torch.Tensor:
         """[rows, H, DX, DY] fp32: each segment's own state (x = k, y = v) or state gradient at its
         start (reverse: x = q, y = do), from zero."""
         DX, DY = x.shape[-1], y.shape[-1]
         out = _empty((self.n_rows, self.H, DX, DY), torch.float32, x.device)
-        _segment_sum_kernel[lambda meta: (self.n_rows, self.H, triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]))](
+        _segment_sum_kernel[lambda meta: (self.n_rows * triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]), self.H)](
             x, y, out, slopes, *self.args(), H=self.H, DX=DX, DY=DY, BT=BT, REVERSE=reverse,
             IS_VARLEN=self.is_varlen, PREC=_precision(x.dtype))
         return out
@@ -548,20 +568,32 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops: opaque to torch.compile (which then neither traces into the autotuner nor
-# breaks the graph), with fake (shape-only) implementations and autograd. Absent optional outputs
-# are empty tensors, since ops return tensors only.
+# Entry points. Under torch.compile the launches are torch.library ops (opaque to the compiler,
+# which then neither traces into the autotuner nor breaks the graph), with fake (shape-only)
+# implementations and autograd. Eagerly the same code runs through a plain autograd.Function, which
+# costs a fraction of the op dispatch (tens of microseconds a call). Ops return tensors only, so an
+# absent optional output is an empty tensor.
 
 def _none_if_empty(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None or t.numel() == 0 else t
 
 
-@torch.library.custom_op("xinzhou::lightning_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                  initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                  output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
     o, ht = _forward(q, k, v, slopes, initial_state, _Layout(q, v, cu_seqlens), output_final_state)
     return o, ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+
+
+def _backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                   initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
+                   dht: torch.Tensor | None, want_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dh0 = _backward(q, k, v, slopes, initial_state, do, dht, _Layout(q, v, cu_seqlens), want_dh0)
+    return dq, dk, dv, dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32)
+
+
+_forward_op = torch.library.custom_op("xinzhou::lightning_forward", _forward_impl, mutates_args=())
+_backward_op = torch.library.custom_op("xinzhou::lightning_backward", _backward_impl, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -569,14 +601,6 @@ def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     shape = (N, q.shape[2], q.shape[3], v.shape[3]) if output_final_state else (0,)
     return torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("xinzhou::lightning_backward", mutates_args=())
-def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                 initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-                 dht: torch.Tensor | None, want_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dh0 = _backward(q, k, v, slopes, initial_state, do, dht, _Layout(q, v, cu_seqlens), want_dh0)
-    return dq, dk, dv, dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_backward_op.register_fake
@@ -590,17 +614,30 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens)
 
 
-def _backward_autograd(ctx, do: torch.Tensor | None, dht: torch.Tensor | None):
+def _grads(ctx, do: torch.Tensor | None, dht: torch.Tensor | None, backward) -> tuple:
+    """Gradients for (q, k, v, slopes, initial_state, cu_seqlens, output_final_state); slopes get none."""
     q, k, v, slopes, h0, cu_seqlens = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = _none_if_empty(dht)
     want_dh0 = h0 is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dh0 = _backward_op(q, k, v, slopes, h0, cu_seqlens, do,
-                                   dht.contiguous() if dht is not None else None, want_dh0)
+    dq, dk, dv, dh0 = backward(q, k, v, slopes, h0, cu_seqlens, do, dht.contiguous() if dht is not None else None,
+                               want_dh0)
     return dq, dk, dv, None, _none_if_empty(dh0), None, None
 
 
-_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+_forward_op.register_autograd(lambda ctx, do, dht: _grads(ctx, do, dht, _backward_op), setup_context=_setup_context)
+
+
+class _EagerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _setup_context(ctx, inputs, None)
+        ctx.set_materialize_grads(False)
+        return _forward_impl(*inputs)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        return _grads(ctx, do, dht, _backward_impl)
 
 
 def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
@@ -608,8 +645,14 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q, k: [B, T, H, K]; v: [B, T, H, V]; slopes [H]; initial_state [N, H, K, V] (N = B, or the number
     of sequences in cu_seqlens with B = 1). Returns (o [B, T, H, V] in q's dtype, final states fp32 or None).
-    Slopes get no gradient; q, k, v and the initial state do."""
+    Slopes get no gradient; q, k, v and the initial state do. float16 inputs are computed in bfloat16:
+    the state, rounded to the input dtype for its matmuls, outgrows float16's range (65504) within a
+    few hundred tokens of a slowly decaying head."""
     _check_inputs(q, k, v, slopes)
+    if q.dtype == torch.float16:
+        o, ht = chunk_lightning_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), slopes, initial_state,
+                                          output_final_state, cu_seqlens)
+        return o.half(), ht
     B, T, H, K = q.shape
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, B, T)
@@ -618,8 +661,9 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"initial_state must be [N, H, K, V] = {[N, H, K, V]}: got {list(initial_state.shape)}")
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cu_seqlens is not None else None
-    o, ht = _forward_op(q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(),
-                        h0, cu, output_final_state)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(), h0, cu,
+            output_final_state)
+    o, ht = _forward_op(*args) if torch.compiler.is_compiling() else _EagerFunction.apply(*args)
     return o, (ht if output_final_state else None)
 
 
@@ -642,12 +686,12 @@ def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if not q.is_cuda and not INTERPRET:
         raise RuntimeError("triton lightning decode got CPU tensors: set TRITON_INTERPRET=1 before triton is "
                            "first imported, or use backend='reference'")
-    return _decode_op(q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(), state)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(), state)
+    return _decode_op(*args) if torch.compiler.is_compiling() else _decode_impl(*args)
 
 
-@torch.library.custom_op("xinzhou::lightning_decode", mutates_args=("state",))
-def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-               state: torch.Tensor) -> torch.Tensor:
+def _decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                 state: torch.Tensor) -> torch.Tensor:
     B, H, K = q.shape
     V = v.shape[-1]
     o = _empty((B, H, V), q.dtype, q.device)
@@ -658,6 +702,9 @@ def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.
     _decode_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, state, o, slopes, H=H, K=K, V=V, BK=BK, BV=BV,
                                                 num_warps=4)
     return o
+
+
+_decode_op = torch.library.custom_op("xinzhou::lightning_decode", _decode_impl, mutates_args=("state",))
 
 
 @_decode_op.register_fake
