@@ -294,10 +294,15 @@ def test_errors_name_the_problem():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks the GPU kernels at a real shape")
 def test_gpu_long_sequence_bf16():
+    # B*H = 8 is too few programs for the SMs: the sequences are cut into segments (the default choice)
     B, T, H, K = 2, 4099, 4, 128
-    q, k, v, s0 = (x.detach() for x in inputs(B, T, H, K, K, dtype=torch.bfloat16))
-    q, k, v = (x * 0.1 for x in (q, k, v))
+    q, k, v, s0 = inputs(B, T, H, K, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for x in (q, k, v):
+            x.mul_(0.1)
     slopes = slopes_for(H)
-    o, st = lightning_attention(q, k, v, slopes, s0, True, backend="triton")
-    o_ref, st_ref = lightning_blockwise(q, k, v, slopes, s0)
-    assert rel_err(o, o_ref) < BF16_TOL and rel_err(st, st_ref) < BF16_TOL
+    do, dst = torch.randn(B, T, H, K, device=DEVICE), torch.randn(B, H, K, K, device=DEVICE)
+    out = run_with_grads(lambda: lightning_attention(q, k, v, slopes, s0, True, backend="triton"), q, k, v, s0, do, dst)
+    ref = run_with_grads(lambda: lightning_blockwise(q.float(), k.float(), v.float(), slopes, s0), q, k, v, s0, do, dst)
+    for name, x, x_ref in zip(("o", "state", "dq", "dk", "dv", "ds0"), (out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
+        assert rel_err(x, x_ref) < BF16_TOL, name
