@@ -28,11 +28,13 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from xinzhou.ops import lightning_triton as lt  # noqa: E402
+from xinzhou.ops import norm_triton  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
 FP32_POINTERS = {"slopes", "h0", "sums", "ht", "dht", "dh0", "state", "out"}
 INT_POINTERS = {"cu_seqlens", "seg_offsets", "seg_seq"}
-SCALARS = {"T", "SEG", "TUNE"}
+SCALARS = {"T": "i32", "SEG": "i32", "TUNE": "i32", "N": "i32", "M": "i32", "ROWS": "i32", "eps": "fp32"}
+INT_ALIGNED = ("T", "SEG")  # multiples of 16 at the benchmark shapes
 
 
 def kernels(dtype: str, D: int) -> list[tuple[str, object, dict]]:
@@ -47,6 +49,8 @@ def kernels(dtype: str, D: int) -> list[tuple[str, object, dict]]:
         ("bwd_dq", lt._bwd_dq_kernel, dict(common, VP=p2, USE_H0=True)),
         ("bwd_dk", lt._bwd_dk_kernel, dict(common, VP=p2, USE_GT=True, STORE_DH0=True)),
         ("bwd_dv", lt._bwd_dv_kernel, dict(common, KP=p2, USE_GT=True)),
+        ("rms_norm fwd (N=1024)", norm_triton._fwd_kernel, {"BLOCK_N": 1024}),
+        ("rms_norm bwd (N=1024)", norm_triton._bwd_kernel, {"BLOCK_N": 1024}),
     ]
 
 
@@ -56,7 +60,7 @@ def signature(fn, constexprs: dict, dtype: str) -> dict:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in SCALARS:
-            sig[name] = "i32"
+            sig[name] = SCALARS[name]
         elif name in INT_POINTERS:
             sig[name] = "*i32"
         elif name in FP32_POINTERS:
@@ -70,7 +74,7 @@ def aligned(fn, sig: dict) -> dict:
     """What a launch on real tensors tells the compiler: pointers 16-byte aligned, T and SEG multiples
     of 16 (T = 2K..128K, SEG a multiple of 64). Without it loads are not vectorised."""
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in sig.items()
-            if kind.startswith("*") or name in ("T", "SEG")}
+            if kind.startswith("*") or name in INT_ALIGNED}
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -115,14 +119,17 @@ def main() -> None:
     print(f"{'kernel':20} {'config':34} {'regs':>5} {'spill':>6} {'smem KiB':>9} {'wgmma':>6}  note")
     for name, kernel, consts in kernels(args.dtype, args.head_dim):
         named = {**consts, "K": args.head_dim, "V": args.head_dim, "DX": args.head_dim, "DY": args.head_dim}
-        prune = getattr(kernel, "early_config_prune", None)
-        configs = prune(kernel.configs, named) if prune else kernel.configs
+        if not hasattr(kernel, "configs"):  # not autotuned: the launch config ops/norm_triton.py uses
+            configs, fn = [triton.Config({}, num_warps=norm_triton._warps(consts["BLOCK_N"]), num_stages=1)], kernel
+        else:
+            prune = getattr(kernel, "early_config_prune", None)
+            configs, fn = (prune(kernel.configs, named) if prune else kernel.configs), kernel.fn
         if args.quick:
-            configs = [c for c in configs if (c.num_warps, c.num_stages) == (8, 2)][:1]
+            configs = [c for c in configs if (c.num_warps, c.num_stages) == (8, 2)][:1] or configs[:1]
         for config in configs:
             cfg = f"{config.kwargs} w{config.num_warps} s{config.num_stages}"
             try:
-                r = compile_config(kernel.fn, consts, config, args.dtype)
+                r = compile_config(fn, consts, config, args.dtype)
             except Exception as e:  # a config that does not compile is a finding, not a crash
                 rows.append({"kernel": name, "config": cfg, "error": f"{type(e).__name__}: {e}"[:300]})
                 print(f"{name:20} {cfg:34} compile error: {rows[-1]['error'][:80]}")

@@ -24,6 +24,7 @@ from xinzhou.config import ModelConfig
 from xinzhou.ops import moe as moe_ops
 from xinzhou.ops.lightning import lightning_attention, lightning_decode
 from xinzhou.ops.lightning_ref import lightning_step
+from xinzhou.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -33,9 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # the statistics in fp32, whatever the model dtype
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # statistics in fp32 whatever the model dtype; one fused Triton pass on CUDA (ops/norm.py)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float,
