@@ -28,12 +28,13 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from xinzhou.ops import lightning_triton as lt  # noqa: E402
-from xinzhou.ops import norm_triton  # noqa: E402
+from xinzhou.ops import cross_entropy_triton, norm_triton  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
-FP32_POINTERS = {"slopes", "h0", "sums", "ht", "dht", "dh0", "state", "out"}
+FP32_POINTERS = {"slopes", "h0", "sums", "ht", "dht", "dh0", "state", "out", "rstd", "dw_part", "loss"}
 INT_POINTERS = {"cu_seqlens", "seg_offsets", "seg_seq"}
-SCALARS = {"T": "i32", "SEG": "i32", "TUNE": "i32", "N": "i32", "M": "i32", "ROWS": "i32", "eps": "fp32"}
+SCALARS = {"T": "i32", "SEG": "i32", "TUNE": "i32", "N": "i32", "M": "i32", "ROWS": "i32", "eps": "fp32",
+           "V": "i32", "stride": "i32", "ignore_index": "i32"}
 INT_ALIGNED = ("T", "SEG")  # multiples of 16 at the benchmark shapes
 
 
@@ -51,6 +52,7 @@ def kernels(dtype: str, D: int) -> list[tuple[str, object, dict]]:
         ("bwd_dv", lt._bwd_dv_kernel, dict(common, KP=p2, USE_GT=True)),
         ("rms_norm fwd (N=1024)", norm_triton._fwd_kernel, {"BLOCK_N": 1024}),
         ("rms_norm bwd (N=1024)", norm_triton._bwd_kernel, {"BLOCK_N": 1024}),
+        ("cross_entropy", cross_entropy_triton._ce_kernel, {"BLOCK": 4096, "STORE_GRAD": True}),
     ]
 
 
@@ -63,6 +65,8 @@ def signature(fn, constexprs: dict, dtype: str) -> dict:
             sig[name] = SCALARS[name]
         elif name in INT_POINTERS:
             sig[name] = "*i32"
+        elif name == "targets":
+            sig[name] = "*i64"
         elif name in FP32_POINTERS:
             sig[name] = "*fp32"
         else:
@@ -119,8 +123,9 @@ def main() -> None:
     print(f"{'kernel':20} {'config':34} {'regs':>5} {'spill':>6} {'smem KiB':>9} {'wgmma':>6}  note")
     for name, kernel, consts in kernels(args.dtype, args.head_dim):
         named = {**consts, "K": args.head_dim, "V": args.head_dim, "DX": args.head_dim, "DY": args.head_dim}
-        if not hasattr(kernel, "configs"):  # not autotuned: the launch config ops/norm_triton.py uses
-            configs, fn = [triton.Config({}, num_warps=norm_triton._warps(consts["BLOCK_N"]), num_stages=1)], kernel
+        if not hasattr(kernel, "configs"):  # not autotuned: the launch config its module uses
+            warps = norm_triton._warps(consts["BLOCK_N"]) if "BLOCK_N" in consts else 8
+            configs, fn = [triton.Config({}, num_warps=warps, num_stages=1)], kernel
         else:
             prune = getattr(kernel, "early_config_prune", None)
             configs, fn = (prune(kernel.configs, named) if prune else kernel.configs), kernel.fn

@@ -22,6 +22,7 @@ from torch import nn
 from xinzhou.cache import HybridCache
 from xinzhou.config import ModelConfig
 from xinzhou.ops import moe as moe_ops
+from xinzhou.ops.cross_entropy import cross_entropy
 from xinzhou.ops.lightning import lightning_attention, lightning_decode
 from xinzhou.ops.lightning_ref import lightning_step
 from xinzhou.ops.norm import rms_norm
@@ -313,10 +314,11 @@ class XinzhouLM(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), w.float())  # [B, T, V]
         else:
-            logits = F.linear(x, w).float()  # [B, T, V]
+            logits = F.linear(x, w)  # [B, T, V]
         if targets is None:
-            return logits
-        ce = F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
+            return logits.float()
+        # from the head's dtype: the fused kernel on CUDA reads bf16 logits once (no fp32 copy)
+        ce = cross_entropy(logits.view(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
         aux = moe_ops.balance_loss(torch.stack(stats).sum(0), cfg.experts_per_token)
         loss = ce + cfg.router_aux_loss_coef * aux
         return (loss, ce, aux) if return_parts else loss
