@@ -225,10 +225,15 @@ class Block(nn.Module):
             m, stats = self.moe(self.mlp_norm(x), token_mask)
             return x + m, stats
         # post-norm DeepNorm (MiniMax-01/M1): the residual is the normed input, scaled by alpha
-        x = self.attn_alpha * h + self.attn_beta * a
+        x = _scaled_sum(h, self.attn_alpha, a, self.attn_beta)
         h = self.mlp_norm(x)
         m, stats = self.moe(h, token_mask)
-        return self.mlp_alpha * h + self.mlp_beta * m, stats
+        return _scaled_sum(h, self.mlp_alpha, m, self.mlp_beta), stats
+
+
+def _scaled_sum(x: torch.Tensor, alpha: float, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """alpha * x + beta * y in one kernel when alpha is 1 (two otherwise), not three."""
+    return torch.add(x if alpha == 1.0 else alpha * x, y, alpha=beta)
 
 
 def attention_mask_for(token_mask: torch.Tensor | None, cache: HybridCache | None, T: int,

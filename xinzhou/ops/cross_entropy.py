@@ -7,7 +7,7 @@ tokens that copy, its log-softmax and their gradients are about 3 GB and seven p
 "triton" (one kernel reads each row, computes its log-sum-exp in fp32 and, when a gradient will be
 needed, writes the row's gradient right away in the logits' dtype: a backward pass then only scales
 it; CPU tensors only under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors when triton
-imports and not under torch.compile; else reference). All targets ignored gives nan, as torch does.
+imports, XINZHOU_TRITON is not 0 and not under torch.compile; else reference). All targets ignored gives nan, as torch does.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from xinzhou.ops import triton_allowed
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -43,7 +45,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits must be [M, V] and targets [M]: got {list(logits.shape)} and {list(targets.shape)}")
-    if backend == "reference" or (backend == "auto" and (not logits.is_cuda or torch.compiler.is_compiling())):
+    if backend == "reference" or (backend == "auto" and not (logits.is_cuda and triton_allowed()
+                                                              and not torch.compiler.is_compiling())):
         return cross_entropy_reference(logits, targets, ignore_index)
     module = _triton_module()
     if module is None:

@@ -7,8 +7,8 @@ q, k, v: [B, T, H, D]; slopes: [H] (decay per step exp(-slope)); states: [N, H, 
 N = B, or N = number of sequences when `cu_seqlens` packs variable-length sequences into B = 1
 (FlashAttention style: cu_seqlens = [0, len_0, len_0 + len_1, ...], int32/int64).
 backend: "reference" (pure PyTorch, ops/lightning_ref.py), "triton" (ops/lightning_triton.py; on CPU
-tensors only under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors when triton imports, else
-reference). Triton is imported on first use, so CPU-only callers never load it.
+tensors only under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors when triton imports and
+XINZHOU_TRITON is not 0, else reference). Triton is imported on first use, so CPU-only callers never load it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from xinzhou.ops import triton_allowed
 from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_step
 
 BACKENDS = ("auto", "triton", "reference")
@@ -40,7 +41,7 @@ def _triton_backend(q: torch.Tensor, backend: str) -> ModuleType | None:
     """The Triton module when this call should use it, else None (reference)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
-    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+    if backend == "reference" or (backend == "auto" and not (q.is_cuda and triton_allowed())):
         return None
     module = _triton_module()
     if backend == "triton" and module is None:

@@ -5,9 +5,9 @@ then scaled by the weight:  y = w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dt
 
 backend: "reference" (the formula above in PyTorch, several passes over x in fp32), "triton" (one
 read and one write per pass, forward and backward; CPU tensors only under TRITON_INTERPRET=1) or
-"auto" (triton for CUDA tensors when triton imports and not under torch.compile, which fuses the
-reference itself; else reference). The Triton forward is bitwise the reference's: the product of
-two bf16 (or fp16) numbers is exact in fp32, so rounding it once gives the reference's rounding.
+"auto" (triton for CUDA tensors when triton imports, XINZHOU_TRITON is not 0 and not under
+torch.compile, which fuses the reference itself; else reference). The two agree to a rounding step
+of x's dtype: the sums run in another order.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+
+from xinzhou.ops import triton_allowed
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -42,7 +44,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     """x [..., N], weight [N] -> y [..., N] in the dtype of weight * x (the reference's promotion)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
-    if backend == "reference" or (backend == "auto" and (not x.is_cuda or torch.compiler.is_compiling())):
+    if backend == "reference" or (backend == "auto" and not (x.is_cuda and triton_allowed()
+                                                              and not torch.compiler.is_compiling())):
         return rms_norm_reference(x, weight, eps)
     module = _triton_module()
     if module is None:
