@@ -28,13 +28,13 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from xinzhou.ops import lightning_triton as lt  # noqa: E402
-from xinzhou.ops import cross_entropy_triton, norm_triton  # noqa: E402
+from xinzhou.ops import cross_entropy_triton, norm_triton, swiglu_triton  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
 FP32_POINTERS = {"slopes", "h0", "sums", "ht", "dht", "dh0", "state", "out", "rstd", "dw_part", "loss"}
 INT_POINTERS = {"cu_seqlens", "seg_offsets", "seg_seq"}
 SCALARS = {"T": "i32", "SEG": "i32", "TUNE": "i32", "N": "i32", "M": "i32", "ROWS": "i32", "eps": "fp32",
-           "V": "i32", "stride": "i32", "ignore_index": "i32"}
+           "V": "i32", "stride": "i32", "ignore_index": "i32", "n": "i32", "F": "i32"}
 INT_ALIGNED = ("T", "SEG")  # multiples of 16 at the benchmark shapes
 
 
@@ -53,6 +53,8 @@ def kernels(dtype: str, D: int) -> list[tuple[str, object, dict]]:
         ("rms_norm fwd (N=1024)", norm_triton._fwd_kernel, {"BLOCK_N": 1024}),
         ("rms_norm bwd (N=1024)", norm_triton._bwd_kernel, {"BLOCK_N": 1024}),
         ("cross_entropy", cross_entropy_triton._ce_kernel, {"BLOCK": 4096, "STORE_GRAD": True}),
+        ("swiglu fwd", swiglu_triton._fwd_kernel, {"BLOCK": swiglu_triton.BLOCK}),
+        ("swiglu bwd", swiglu_triton._bwd_kernel, {"BLOCK": swiglu_triton.BLOCK}),
     ]
 
 
@@ -124,7 +126,8 @@ def main() -> None:
     for name, kernel, consts in kernels(args.dtype, args.head_dim):
         named = {**consts, "K": args.head_dim, "V": args.head_dim, "DX": args.head_dim, "DY": args.head_dim}
         if not hasattr(kernel, "configs"):  # not autotuned: the launch config its module uses
-            warps = norm_triton._warps(consts["BLOCK_N"]) if "BLOCK_N" in consts else 8
+            warps = norm_triton._warps(consts["BLOCK_N"]) if "BLOCK_N" in consts else \
+                4 if name.startswith("swiglu") else 8
             configs, fn = [triton.Config({}, num_warps=warps, num_stages=1)], kernel
         else:
             prune = getattr(kernel, "early_config_prune", None)

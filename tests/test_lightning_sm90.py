@@ -1,4 +1,4 @@
-"""The Triton kernels (lightning attention, RMSNorm, cross-entropy) compile for the H100 (sm_90a) with the real launch configs, on any
+"""The Triton kernels (lightning attention, RMSNorm, cross-entropy, SwiGLU) compile for the H100 (sm_90a) with the real launch configs, on any
 machine: the interpreter runs the kernels' arithmetic but never the GPU compiler, so a shape or layout
 the compiler rejects, a config that spills registers, or a matmul that misses Hopper's wgmma would only
 show on a GPU. Runs benchmarks/sm90_report.py in a subprocess (without TRITON_INTERPRET, which the
@@ -29,7 +29,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path, head_dim):
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"segment_sum (k, v)", "fwd", "bwd_dq", "bwd_dk", "bwd_dv", "rms_norm fwd (N=1024)",
-                       "rms_norm bwd (N=1024)", "cross_entropy"}, kernels
+                       "rms_norm bwd (N=1024)", "cross_entropy", "swiglu fwd", "swiglu bwd"}, kernels
     for r in rows:
         assert "error" not in r, r
         assert r["spill_stores"] == 0 and r["stack_frame"] == 0, r

@@ -106,3 +106,20 @@ def test_correction_bias_update_moves_toward_even_load():
     moe.update_correction_bias(bias, torch.tensor([10.0, 2.0, 4.0, 0.0]), rate=0.01)
     # mean load 4: over-loaded experts go down, under-loaded up, an expert at the mean stays
     assert bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.01])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_fused_swiglu_matches_reference(dtype, tol):
+    # the Triton kernel (GPU, or the CPU interpreter: tests/conftest.py) against silu(gate) * up
+    g = torch.Generator().manual_seed(0)
+    gu = (2 * torch.randn(37, 2 * 48, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(37, 48, generator=g).to(dtype)
+    y = moe.swiglu(gu, backend="triton")
+    y_ref = moe.swiglu(gu, backend="reference")
+    assert y.dtype == dtype and y.shape == (37, 48)
+    d = torch.autograd.grad(y, gu, dy)[0]
+    d_ref = torch.autograd.grad(y_ref, gu, dy)[0]
+    for a, b in ((y, y_ref), (d, d_ref)):
+        assert (a.double() - b.double()).norm() <= tol * b.double().norm()
+    with pytest.raises(ValueError, match=r"\[M, 2F\]"):
+        moe.swiglu(torch.randn(3, 5), backend="triton")
