@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in one device-tool call: environment, Triton tests, then the three benchmarks.
+# One GPU session in one device-tool call: environment, Triton tests, then the four benchmarks.
 #
 #   device tool: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #   here, no GPU:  bash benchmarks/gpu_session.sh --smoke        (every step, tiny shapes, on the CPU)
@@ -8,15 +8,16 @@
 # ends inside the tool's 600 s limit; a step gets what is left if that is less than its budget):
 #   1. install the carried wheels in .whl/ (fla-core + flash-linear-attention) into /tmp/site
 #   2. versions, nvidia-smi, `import xinzhou` (the repo root is put on PYTHONPATH; no pip install)
-#   3. python -m pytest tests/test_lightning_triton.py -x -q                 (budget  90 s)
-#   4. benchmarks/bench_lightning.py $BENCH_LIGHTNING_ARGS                  (budget 190 s)
+#   3. the kernel tests on CUDA (XINZHOU_AUTOTUNE=0: one config per kernel)  (budget  80 s)
+#   4. benchmarks/bench_lightning.py $BENCH_LIGHTNING_ARGS                  (budget 180 s)
 #   5. benchmarks/bench_moe.py $BENCH_MOE_ARGS                              (budget  60 s)
-#   6. benchmarks/bench_model.py $BENCH_MODEL_ARGS (default --quick)        (budget 180 s)
+#   6. benchmarks/bench_ops.py (fused norm / loss / SwiGLU vs PyTorch)      (budget  40 s)
+#   7. benchmarks/bench_model.py $BENCH_MODEL_ARGS (default --quick)        (budget 160 s)
 # The *_ARGS variables add arguments (e.g. BENCH_LIGHTNING_ARGS="--seq-lens 8192 32768"); set them
 # before the command: `BENCH_MODEL_ARGS= bash benchmarks/gpu_session.sh` runs bench_model's full plan
 # (more than its budget: give it the time of steps it replaces, e.g. GPU_SESSION_SECONDS).
-# Files under $OUT (the tool brings back at most 8): session.log (steps 1-3 and the summary), and
-# bench_{lightning,moe,model}.{log,json}: 7 files. Outside the tool, $OUT defaults to out/gpu_session.
+# Files under $OUT (the tool brings back at most 8): session.log (steps 1-3, 6 and the summary),
+# bench_{lightning,moe,model}.{log,json} and bench_ops.json: 8 files. Outside the tool, $OUT defaults to out/gpu_session.
 # A step that fails or runs out of time is logged and the next one still runs; the exit status is
 # nonzero if any step failed. The last lines printed are a short summary of every table.
 
@@ -62,9 +63,11 @@ step() {
 
 read -r -a LIGHTNING_ARGS <<<"${BENCH_LIGHTNING_ARGS:-}"
 read -r -a MOE_ARGS <<<"${BENCH_MOE_ARGS:-}"
+OPS_ARGS=()
 if [ "$SMOKE" = 1 ]; then
     LIGHTNING_ARGS+=(--device cpu --smoke)
     MOE_ARGS+=(--device cpu --smoke)
+    OPS_ARGS+=(--device cpu --smoke)
     MODEL_ARGS=(--device cpu --smoke)
     log "smoke mode: CPU, tiny shapes (checks the script, times nothing)"
 else
@@ -120,13 +123,16 @@ EOF
     fi
 } 2>&1 | tee -a "$LOG"
 
-# 3-6
-step "pytest tests/test_lightning_triton.py" 90 "$LOG" "$PY" -m pytest tests/test_lightning_triton.py -x -q
-step "bench_lightning ${LIGHTNING_ARGS[*]}" 190 "$OUT/bench_lightning.log" \
+# 3-7
+# the kernel tests on CUDA, one launch config per kernel (autotuning every test shape would take minutes)
+step "pytest (kernels on CUDA)" 80 "$LOG" env XINZHOU_AUTOTUNE=0 "$PY" -m pytest -x -q \
+    tests/test_lightning_triton.py tests/test_norm.py tests/test_cross_entropy.py tests/test_moe.py
+step "bench_lightning ${LIGHTNING_ARGS[*]}" 180 "$OUT/bench_lightning.log" \
     "$PY" benchmarks/bench_lightning.py "${LIGHTNING_ARGS[@]}" --out "$OUT/bench_lightning.json"
 step "bench_moe ${MOE_ARGS[*]}" 60 "$OUT/bench_moe.log" \
     "$PY" benchmarks/bench_moe.py "${MOE_ARGS[@]}" --out "$OUT/bench_moe.json"
-step "bench_model ${MODEL_ARGS[*]}" 180 "$OUT/bench_model.log" \
+step "bench_ops" 40 "$LOG" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}" --out "$OUT/bench_ops.json"
+step "bench_model ${MODEL_ARGS[*]}" 160 "$OUT/bench_model.log" \
     "$PY" benchmarks/bench_model.py "${MODEL_ARGS[@]}" --out "$OUT/bench_model.json"
 
 # summary: the tables again, last, so the tool's output tail holds them
@@ -139,6 +145,7 @@ step "bench_model ${MODEL_ARGS[*]}" 180 "$OUT/bench_model.log" \
         grep -E '^(relative error|peak bf16|B=|decode )' "$OUT/bench_lightning.log"
     fi
     [ -f "$OUT/bench_moe.log" ] && echo "--- moe" && sed -n '/^MoE block/,/^wrote/p' "$OUT/bench_moe.log"
+    echo "--- fused ops" && grep -E '^(rms_norm|cross_entropy|swiglu) ' "$LOG"
     if [ -f "$OUT/bench_model.log" ]; then
         echo "--- model"
         grep -E '^(logits|peak bf16|train |prefill |decode )' "$OUT/bench_model.log"

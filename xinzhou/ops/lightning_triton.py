@@ -86,11 +86,16 @@ CARRIED_REGS = 32
 NOMINAL_BLOCK = 64  # the V block assumed when counting programs to choose segments
 
 
+# XINZHOU_AUTOTUNE=0: one config per kernel (the smallest tile, 8 warps, 2 stages), for test runs on
+# a GPU that would otherwise compile and time every config for every shape they try
+AUTOTUNE = os.environ.get("XINZHOU_AUTOTUNE", "1") != "0"
+
+
 def _configs(names: tuple[str, str], tiles: tuple[tuple[int, int], ...]) -> list[triton.Config]:
     if INTERPRET:  # one config; small blocks make the tests cross block boundaries
         return [triton.Config({names[0]: 16, names[1]: 16})]
     return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s)
-            for a, b in tiles for w in (4, 8) for s in (1, 2)]
+            for a, b in tiles for w in (8, 4) for s in (2, 1)][:None if AUTOTUNE else 1]
 
 
 def _prune_carried(block: str, full: str, other: str):
@@ -114,7 +119,9 @@ def _prune_sum(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 def _seq_configs(block: str) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({block: 16})]
-    return [triton.Config({block: b}, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (4, 8) for s in (1, 2)]
+    configs = [triton.Config({block: b}, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (8, 4)
+               for s in (2, 1)]
+    return configs if AUTOTUNE else configs[:1]
 
 
 def _tune_bucket(seg: int) -> int:
