@@ -45,6 +45,18 @@ def test_all_ignored_is_nan_like_torch_and_bad_target_is_nan():
     assert torch.isnan(cross_entropy(logits, bad, backend="triton"))
 
 
+def test_all_ignored_gives_zero_gradients_and_a_second_backward_is_refused():
+    # train.py uses ce * 0 for a micro-batch without targets: its gradients must be zeros, not nan
+    logits = torch.randn(3, 10, device=DEVICE, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((3,), -100, device=DEVICE), backend="triton")
+    (grad,) = torch.autograd.grad(loss * 0.0, logits)
+    assert bool((grad == 0).all())
+    loss = cross_entropy(logits, torch.tensor([1, 2, 3], device=DEVICE), backend="triton")
+    torch.autograd.grad(loss, logits, retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        torch.autograd.grad(loss, logits)
+
+
 def test_no_grad_skips_the_gradient_and_shapes_are_checked():
     logits = torch.randn(4, 50, device=DEVICE)
     t = torch.randint(0, 50, (4,), device=DEVICE)

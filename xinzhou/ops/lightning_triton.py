@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from xinzhou.ops import on_device
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BT = 64  # chunk length
 MAX_HEAD_DIM = 256
@@ -588,14 +590,16 @@ def _none_if_empty(t: torch.Tensor | None) -> torch.Tensor | None:
 def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                   initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                   output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    o, ht = _forward(q, k, v, slopes, initial_state, _Layout(q, v, cu_seqlens), output_final_state)
+    with on_device(q):
+        o, ht = _forward(q, k, v, slopes, initial_state, _Layout(q, v, cu_seqlens), output_final_state)
     return o, ht if ht is not None else q.new_empty(0, dtype=torch.float32)
 
 
 def _backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
                    dht: torch.Tensor | None, want_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dh0 = _backward(q, k, v, slopes, initial_state, do, dht, _Layout(q, v, cu_seqlens), want_dh0)
+    with on_device(q):
+        dq, dk, dv, dh0 = _backward(q, k, v, slopes, initial_state, do, dht, _Layout(q, v, cu_seqlens), want_dh0)
     return dq, dk, dv, dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32)
 
 
@@ -706,8 +710,9 @@ def _decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torc
         return o
     BK = _p2(K)
     BV = min(_p2(V), 32 if BK <= 128 else 16)  # keeps the fp32 state tile at <= 4K elements per program
-    _decode_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, state, o, slopes, H=H, K=K, V=V, BK=BK, BV=BV,
-                                                num_warps=4)
+    with on_device(q):
+        _decode_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, state, o, slopes, H=H, K=K, V=V, BK=BK, BV=BV,
+                                                    num_warps=4)
     return o
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from xinzhou.ops import on_device
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_N = 65536
 
@@ -70,7 +72,8 @@ def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.
     rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M:
         block = triton.next_power_of_2(N)
-        _fwd_kernel[(M,)](x2, weight, y, rstd, N, eps, BLOCK_N=block, num_warps=_warps(block))
+        with on_device(x2):
+            _fwd_kernel[(M,)](x2, weight, y, rstd, N, eps, BLOCK_N=block, num_warps=_warps(block))
     return y, rstd
 
 
@@ -78,11 +81,15 @@ def _backward(x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
               dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, N = x2.shape
     dx = torch.empty_like(x2)
-    programs = max(1, min(M, 4 * _sm_count(x2.device)))
-    rows = triton.cdiv(M, programs)
-    dw_part = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
     block = triton.next_power_of_2(N)
-    _bwd_kernel[(programs,)](x2, weight, dy, dx, rstd, dw_part, M, N, rows, BLOCK_N=block, num_warps=_warps(block))
+    # enough programs to fill the SMs (wide rows take a whole SM's registers), each over `rows` rows
+    per_sm = 4 if block < 4096 else 1
+    rows = triton.cdiv(M, max(1, min(M, per_sm * _sm_count(x2.device))))
+    programs = max(1, triton.cdiv(M, rows))
+    dw_part = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
+    with on_device(x2):
+        _bwd_kernel[(programs,)](x2, weight, dy, dx, rstd, dw_part, M, N, rows, BLOCK_N=block,
+                                 num_warps=_warps(block))
     return dx, dw_part.sum(0).to(weight.dtype)
 
 

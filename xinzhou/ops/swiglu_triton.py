@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from xinzhou.ops import on_device
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK = 1024
 
@@ -45,7 +47,8 @@ class _SwiGLUFunction(torch.autograd.Function):
         M, F2 = gu.shape
         y = torch.empty((M, F2 // 2), dtype=gu.dtype, device=gu.device)
         if y.numel():
-            _fwd_kernel[(triton.cdiv(y.numel(), BLOCK),)](gu, y, y.numel(), F2 // 2, BLOCK=BLOCK, num_warps=4)
+            with on_device(gu):
+                _fwd_kernel[(triton.cdiv(y.numel(), BLOCK),)](gu, y, y.numel(), F2 // 2, BLOCK=BLOCK, num_warps=4)
         ctx.save_for_backward(gu)
         return y
 
@@ -55,8 +58,9 @@ class _SwiGLUFunction(torch.autograd.Function):
         dgu = torch.empty_like(gu)
         n = dy.numel()
         if n:
-            _bwd_kernel[(triton.cdiv(n, BLOCK),)](gu, dy.contiguous(), dgu, n, gu.shape[1] // 2, BLOCK=BLOCK,
-                                                  num_warps=4)
+            with on_device(gu):
+                _bwd_kernel[(triton.cdiv(n, BLOCK),)](gu, dy.contiguous(), dgu, n, gu.shape[1] // 2, BLOCK=BLOCK,
+                                                      num_warps=4)
         return dgu
 
 
