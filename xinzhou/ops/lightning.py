@@ -17,37 +17,16 @@ from types import ModuleType
 
 import torch
 
-from xinzhou.ops import triton_allowed
+from xinzhou.ops import pick_triton
 from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_step
 
-BACKENDS = ("auto", "triton", "reference")
 REFERENCE_BLOCK = 256
 
 
-_TRITON: list[ModuleType | None] = []  # filled on first use (a plain list, which torch.compile reads)
-
-
-def _triton_module() -> ModuleType | None:
-    if not _TRITON:
-        try:
-            from xinzhou.ops import lightning_triton
-        except ImportError:
-            lightning_triton = None
-        _TRITON.append(lightning_triton)
-    return _TRITON[0]
-
-
 def _triton_backend(q: torch.Tensor, backend: str) -> ModuleType | None:
-    """The Triton module when this call should use it, else None (reference)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
-    if backend == "reference" or (backend == "auto" and not (q.is_cuda and triton_allowed())):
-        return None
-    module = _triton_module()
-    if backend == "triton" and module is None:
-        raise RuntimeError("backend='triton' but triton cannot be imported: install triton or use "
-                           "backend='reference'")
-    return module
+    """The Triton module when this call should use it, else None (reference); its kernels are
+    torch.library ops, so it stays in use under torch.compile."""
+    return pick_triton(q, backend, "lightning_triton", under_compile=True)
 
 
 def _check_varlen(q: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:

@@ -157,7 +157,8 @@ def _locate(i_s, cu_seqlens, seg_offsets, seg_seq, T, SEG, IS_VARLEN: tl.constex
 
 
 @triton.autotune(configs=_configs(("BX", "BY"), ((64, 64), (64, 128), (128, 64), (128, 128))),
-                 key=["H", "DX", "DY", "IS_VARLEN", "REVERSE", "TUNE"], prune_configs_by={"early_config_prune": _prune_sum})
+                 key=["H", "DX", "DY", "IS_VARLEN", "REVERSE", "TUNE"],
+                 prune_configs_by={"early_config_prune": _prune_sum})
 @triton.jit
 def _segment_sum_kernel(x, y, out, slopes, cu_seqlens, seg_offsets, seg_seq, T, SEG, TUNE,
                         H: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr,
@@ -531,7 +532,8 @@ class _Layout:
         start (reverse: x = q, y = do), from zero."""
         DX, DY = x.shape[-1], y.shape[-1]
         out = _empty((self.n_rows, self.H, DX, DY), torch.float32, x.device)
-        _segment_sum_kernel[lambda meta: (self.n_rows * triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]), self.H)](
+        grid = lambda meta: (self.n_rows * triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]), self.H)  # noqa: E731
+        _segment_sum_kernel[grid](
             x, y, out, slopes, *self.args(), H=self.H, DX=DX, DY=DY, BT=BT, REVERSE=reverse,
             IS_VARLEN=self.is_varlen, PREC=_precision(x.dtype))
         return out
@@ -597,7 +599,8 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: tor
 
 def _backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-                   dht: torch.Tensor | None, want_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   dht: torch.Tensor | None,
+                   want_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with on_device(q):
         dq, dk, dv, dh0 = _backward(q, k, v, slopes, initial_state, do, dht, _Layout(q, v, cu_seqlens), want_dh0)
     return dq, dk, dv, dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32)

@@ -12,12 +12,10 @@ Routers (both return fp32 weights [N, K] and indices [N, K]):
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 
-from xinzhou.ops import triton_allowed
+from xinzhou.ops import pick_triton
 
 
 def route(logits: torch.Tensor, k: int, kind: str,
@@ -59,30 +57,11 @@ def balance_loss(stats: torch.Tensor, k: int) -> torch.Tensor:
     return counts.numel() * ((counts / (n * k)) * (prob_sum / n)).sum()
 
 
-_TRITON: list[ModuleType | None] = []  # filled on first use, like ops/lightning.py
-
-
-def _swiglu_triton_module() -> ModuleType | None:
-    if not _TRITON:
-        try:
-            from xinzhou.ops import swiglu_triton
-        except ImportError:
-            swiglu_triton = None
-        _TRITON.append(swiglu_triton)
-    return _TRITON[0]
-
-
 def swiglu(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """[M, 2F] (gate columns, then up columns) -> silu(gate) * up [M, F]. backend "auto": one fused
     Triton pass each way for CUDA tensors (see ops/__init__.py), else PyTorch; "triton"; "reference"."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend = {backend!r}: expected 'auto', 'triton' or 'reference'")
-    use = backend == "triton" or (backend == "auto" and gate_up.is_cuda and triton_allowed()
-                                  and not torch.compiler.is_compiling())
-    module = _swiglu_triton_module() if use else None
+    module = pick_triton(gate_up, backend, "swiglu_triton")
     if module is None:
-        if backend == "triton":
-            raise RuntimeError("backend='triton' but triton cannot be imported")
         gate, up = gate_up.chunk(2, dim=-1)
         return (F.silu(gate) * up).contiguous()  # grouped_mm takes contiguous rows
     return module.swiglu_triton(gate_up)

@@ -12,13 +12,9 @@ of x's dtype: the sums run in another order.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
-from xinzhou.ops import triton_allowed
-
-BACKENDS = ("auto", "triton", "reference")
+from xinzhou.ops import pick_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,30 +23,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
-_TRITON: list[ModuleType | None] = []  # filled on first use, like ops/lightning.py
-
-
-def _triton_module() -> ModuleType | None:
-    if not _TRITON:
-        try:
-            from xinzhou.ops import norm_triton
-        except ImportError:
-            norm_triton = None
-        _TRITON.append(norm_triton)
-    return _TRITON[0]
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """x [..., N], weight [N] -> y [..., N] in the dtype of weight * x (the reference's promotion)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend = {backend!r}: expected one of {BACKENDS}")
-    if backend == "reference" or (backend == "auto" and not (x.is_cuda and triton_allowed()
-                                                              and not torch.compiler.is_compiling())):
-        return rms_norm_reference(x, weight, eps)
-    module = _triton_module()
+    module = pick_triton(x, backend, "norm_triton")
     if module is None:
-        if backend == "triton":
-            raise RuntimeError("backend='triton' but triton cannot be imported: install triton or use "
-                               "backend='reference'")
         return rms_norm_reference(x, weight, eps)
     return module.rms_norm_triton(x, weight, eps)
