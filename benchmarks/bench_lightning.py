@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from timing import copy_bandwidth_bytes_per_ms, guarded, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
+from timing import copy_bandwidth_bytes_per_ms, git_commit, guarded, peak_matmul_tflops, time_ms  # benchmarks/timing.py
 
 CHUNK = 64  # the chunk length of xinzhou's Triton kernels and of fla's chunk_simple_gla
 
@@ -290,11 +289,7 @@ def environment() -> dict:
         fla_version = getattr(fla, "__version__", "unknown")
     except Exception:  # noqa: BLE001 - missing, or failing to import (load_fla says which)
         fla_version = None
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True)
-        commit = git.stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = git_commit()
     return {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "fla": fla_version, "git_commit": commit,
             "triton_interpret": os.environ.get("TRITON_INTERPRET")}

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timing import peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
+from timing import git_commit, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
 import torch.nn.functional as F
 from torch import nn
 
@@ -336,10 +335,7 @@ def environment(device: torch.device, hf: nn.Module) -> dict:
     import transformers
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = git_commit()
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__, "git_commit": commit,
             "hf_attn_implementation": hf.config._attn_implementation,

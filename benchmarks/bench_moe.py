@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import guarded, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
+from timing import git_commit, guarded, peak_matmul_tflops, time_ms  # benchmarks/timing.py (scripts run from their folder)
 
 from xinzhou.ops.moe import experts_grouped, experts_loop, route
 
@@ -285,11 +284,7 @@ def format_table(rows: list[dict]) -> str:
 def environment(device: torch.device) -> dict:
     import transformers
 
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True)
-        commit = git.stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = git_commit()
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "git_commit": commit}
 

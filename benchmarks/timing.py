@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -63,3 +64,12 @@ def guarded(fn: Callable[[], R], device: torch.device, any_error: bool = False) 
     if device.type == "cuda":  # outside the handler: its traceback no longer holds the failed call's tensors
         torch.cuda.empty_cache()
     return result
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, for the record of a run (None outside a git checkout)."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True)
+    except OSError:
+        return None
+    return res.stdout.strip() or None

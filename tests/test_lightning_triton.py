@@ -194,7 +194,7 @@ def test_initial_state_only_gradient(segment):
 
 def test_segment_lengths_fill_the_gpu(monkeypatch):
     seg = lightning_triton._segment_len
-    monkeypatch.setattr(lightning_triton, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(lightning_triton, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     # B=1, H=16, D=128: 32 programs a segment (64-wide V blocks), one program per SM: 4 segments
     assert seg(1, 8192, 8192, 16, 128, cuda) == 2048

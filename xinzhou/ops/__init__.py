@@ -5,6 +5,7 @@ Their backend="auto" picks Triton for CUDA tensors. XINZHOU_TRITON=0 in the envi
 """
 
 import contextlib
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -47,3 +48,9 @@ def pick_triton(t: torch.Tensor, backend: str, name: str, under_compile: bool = 
     if module is None and backend == "triton":
         raise RuntimeError("backend='triton' but triton cannot be imported: install triton or use backend='reference'")
     return module
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter, so tests see several)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 
 from xinzhou.ops import pick_triton
-from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_step
+from xinzhou.ops.lightning_ref import check_cu_seqlens, lightning_blockwise, lightning_step
 
 REFERENCE_BLOCK = 256
 
@@ -27,16 +27,6 @@ def _triton_backend(q: torch.Tensor, backend: str) -> ModuleType | None:
     """The Triton module when this call should use it, else None (reference); its kernels are
     torch.library ops, so it stays in use under torch.compile."""
     return pick_triton(q, backend, "lightning_triton", under_compile=True)
-
-
-def _check_varlen(q: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {q.shape[0]}")
-    bounds = [int(x) for x in cu_seqlens.tolist()]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1] or any(
-            b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[1]}: got {bounds}")
-    return bounds
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
@@ -50,7 +40,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     if cu_seqlens is None:
         o, state = lightning_blockwise(q, k, v, slopes, initial_state, block_size)
         return o, (state if output_final_state else None)
-    bounds = _check_varlen(q, cu_seqlens)
+    bounds = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
     n = len(bounds) - 1
     if initial_state is not None and initial_state.shape[0] != n:
         raise ValueError(f"initial_state has {initial_state.shape[0]} states for {n} sequences")

@@ -110,3 +110,17 @@ def lightning_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
         outs.append(o_t)
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1])
     return o, state
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> list[int]:
+    """The sequence bounds [0, len_0, len_0 + len_1, ..., T] (one host sync), or a ValueError naming
+    what is wrong with a packed batch's cu_seqlens."""
+    if B != 1:
+        raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {B}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor: got {cu_seqlens.dtype} "
+                         f"{list(cu_seqlens.shape)}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}: got {bounds}")
+    return bounds

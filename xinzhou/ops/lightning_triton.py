@@ -41,14 +41,14 @@ of any size (tiles are masked). CPU tensors work under TRITON_INTERPRET=1 (set b
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from xinzhou.ops import on_device
+from xinzhou.ops import on_device, sm_count
+from xinzhou.ops.lightning_ref import check_cu_seqlens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BT = 64  # chunk length
@@ -450,24 +450,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: tor
                            "triton is first imported to run the kernels on the CPU, or use backend='reference'")
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
-    if B != 1:
-        raise ValueError(f"with cu_seqlens, q must have batch 1 (packed): got batch {B}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor: got {cu_seqlens.dtype} "
-                         f"{list(cu_seqlens.shape)}")
-    bounds = [int(x) for x in cu_seqlens.tolist()]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}: got {bounds}")
-
-
 def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None  # None: tl.dot's default for 16-bit operands
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _segment_len(n_seq: int, total_tokens: int, longest: int, H: int, V: int, device: torch.device) -> int:
@@ -481,7 +465,7 @@ def _segment_len(n_seq: int, total_tokens: int, longest: int, H: int, V: int, de
         return SEGMENT_LEN
     whole = max(BT, triton.cdiv(longest, BT) * BT)
     programs_per_segment = H * triton.cdiv(V, NOMINAL_BLOCK)
-    segments = _sm_count(device) // programs_per_segment
+    segments = sm_count(device) // programs_per_segment
     if n_seq >= segments:
         return whole
     return min(whole, max(MIN_SEGMENT, triton.cdiv(triton.cdiv(total_tokens, segments), BT) * BT))
@@ -669,7 +653,7 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o.half(), ht
     B, T, H, K = q.shape
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T)
+        check_cu_seqlens(cu_seqlens, B, T)
     N, V = (B if cu_seqlens is None else cu_seqlens.shape[0] - 1), v.shape[-1]
     if initial_state is not None and initial_state.shape != (N, H, K, V):
         raise ValueError(f"initial_state must be [N, H, K, V] = {[N, H, K, V]}: got {list(initial_state.shape)}")

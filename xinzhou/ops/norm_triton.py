@@ -8,14 +8,13 @@ N up to MAX_N in one tile. CPU tensors work under TRITON_INTERPRET=1 (set before
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from xinzhou.ops import on_device
+from xinzhou.ops import on_device, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_N = 65536
@@ -61,11 +60,6 @@ def _warps(block_n: int) -> int:
     return min(16, max(1, block_n // 256))
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     M, N = x2.shape
     y = torch.empty((M, N), dtype=torch.promote_types(weight.dtype, x2.dtype), device=x2.device)
@@ -84,7 +78,7 @@ def _backward(x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     block = triton.next_power_of_2(N)
     # enough programs to fill the SMs (wide rows take a whole SM's registers), each over `rows` rows
     per_sm = 4 if block < 4096 else 1
-    rows = triton.cdiv(M, max(1, min(M, per_sm * _sm_count(x2.device))))
+    rows = triton.cdiv(M, max(1, min(M, per_sm * sm_count(x2.device))))
     programs = max(1, triton.cdiv(M, rows))
     dw_part = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
     with on_device(x2):
