@@ -121,3 +121,59 @@ def test_truncated_shard_is_detected(shard):
         open_shards(shard)
     meta = json.loads((shard / "meta.json").read_text())
     assert meta["n_docs"] == 300
+
+
+def test_write_shards_replaces_only_its_own_directories(tmp_path):
+    from xinzhou.errors import OutputError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("precious")
+    with pytest.raises(OutputError, match=r"corpus: is not a shards directory written by xinzhou \(it holds a\.txt\)"):
+        write_shards(docs(5), corpus, vocab_size=97)
+    assert (corpus / "a.txt").read_text() == "precious"
+    # a shard directory is replaced: by manifest, or by the layout older versions wrote
+    out = write_shards(docs(5), tmp_path / "sh", vocab_size=97)
+    assert json.loads((out / ".xinzhou-output.json").read_text())["kind"] == "shards"
+    write_shards(docs(7), out, vocab_size=97)
+    assert open_shards(out)[3]["n_docs"] == 7
+    (out / ".xinzhou-output.json").unlink()
+    write_shards(docs(9), out, vocab_size=97)
+    assert open_shards(out)[3]["n_docs"] == 9
+    # a failure while writing leaves the old directory as it was, and no temporary
+    with pytest.raises(DataError, match="outside"):
+        write_shards([([1, 2], [1, 1]), ([1, 999], [1, 1])], out, vocab_size=97)
+    assert open_shards(out)[3]["n_docs"] == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "sh"]
+
+
+def test_chat_record_errors_name_file_and_line(tmp_path):
+    from xinzhou.data import tokenize_docs
+    from xinzhou.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello world"] * 10, vocab_size=300)
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    bad = json.dumps({"messages": [{"role": "wizard", "content": "hi"}]})
+    f = tmp_path / "chats.jsonl"
+    f.write_text("\n".join([good] * 500 + [bad] + [good]) + "\n")
+    with pytest.raises(DataError, match=r"chats\.jsonl line 501: messages\[0\]\.role: expected system, user, "
+                                         r"assistant or tool, got 'wizard'"):
+        list(tokenize_docs(read_corpus(f), tok))
+    with pytest.raises(DataError, match=r"document 1: messages\[0\]\.role"):
+        list(tokenize_docs(["plain text", {"messages": [{"role": "wizard", "content": "x"}]}], tok))
+
+
+@pytest.mark.parametrize("meta,message", [
+    ([1, 2], r"meta\.json: field 'dtype' is \[1, 2\], expected str"),
+    ({"dtype": "uint16", "n_tokens": "many", "vocab_size": 97}, r"field 'n_tokens' is 'many', expected int"),
+    ({"dtype": "float64", "n_tokens": 3, "vocab_size": 97}, r"dtype 'float64', expected 'uint16' or 'uint32'"),
+])
+def test_malformed_shard_meta_is_named(meta, message, shard):
+    (shard / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=message):
+        open_shards(shard)
+
+
+def test_missing_shard_directory(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere: no such shard directory"):
+        PackedLoader(tmp_path / "nowhere", seq_len=8, batch_size=1)

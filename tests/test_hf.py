@@ -164,8 +164,68 @@ def test_bad_configs_name_the_field(tmp_path):
     (tmp_path / "ck" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="invalid JSON"):
         load_hf(tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint directory"):
         load_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": "sixty-four"}, r"config\.json: field 'hidden_size' is 'sixty-four', expected an integer"),
+    ({"vocab_size": None}, r"config\.json: field 'vocab_size' is null, expected an integer"),
+    ({"num_local_experts": 2.5}, r"field 'num_local_experts' is 2\.5, expected an integer"),
+    ({"rms_norm_eps": "small"}, r"field 'rms_norm_eps' is 'small', expected a number"),
+    ({"tie_word_embeddings": "no"}, r"field 'tie_word_embeddings' is 'no', expected true or false"),
+    ({"layer_types": "linear_attention"}, r"field 'layer_types' is 'linear_attention', expected a list"),
+    ({"hidden_size": 0}, r"config\.json: hidden_size = 0: must be > 0"),
+    ({"eos_token_id": "eos"}, r"field 'eos_token_id' is 'eos', expected an integer"),
+])
+def test_wrong_typed_config_fields_name_file_and_field(change, message, tmp_path):
+    save_hf(tiny(layer_types=("lightning", "softmax")), tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(CheckpointError, match=message):
+        load_hf(tmp_path / "ck")
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    save_hf(tiny(), tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object of config fields, got a list"):
+        load_hf(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 200, -10])
+def test_truncated_or_empty_safetensors_names_the_file(cut, tmp_path):
+    save_hf(tiny(), tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:cut] if cut >= 0 else data[:len(data) + cut])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: (not a readable safetensors file|cannot read tensor)"):
+        load_hf(tmp_path / "ck")
+
+
+def test_save_refuses_folders_it_did_not_write(tmp_path):
+    from xinzhou.errors import OutputError
+
+    model = tiny()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(OutputError, match=r"mine: is not a checkpoint directory written by xinzhou \(it holds notes\.txt\)"):
+        save_hf(model, mine)
+    assert (mine / "notes.txt").read_text() == "precious"
+    afile = tmp_path / "weights"
+    afile.write_text("not a folder")
+    with pytest.raises(OutputError, match="weights: exists and is a file"):
+        save_hf(model, afile)
+    assert afile.read_text() == "not a folder"
+    # a checkpoint of ours is replaced, but not once someone has put other files into it
+    save_hf(model, tmp_path / "ck")
+    save_hf(model, tmp_path / "ck")
+    (tmp_path / "ck" / "README.md").write_text("my notes")
+    with pytest.raises(OutputError, match=r"ck: holds files xinzhou did not write there \(README\.md\)"):
+        save_hf(model, tmp_path / "ck")
+    assert (tmp_path / "ck" / "README.md").exists() and (tmp_path / "ck" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "mine", "weights"]  # no temporaries
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -123,6 +123,35 @@ def test_half_written_checkpoint_is_never_loaded(shard, tmp_path, monkeypatch):
     assert state["step"] == 2
 
 
+def test_crash_between_checkpoint_renames_resumes_from_the_last_checkpoint(shard, tmp_path):
+    model_cfg = preset("tiny", vocab_size=V)
+    out = tmp_path / "run"
+    train(model_cfg, cfg(shard, out, steps=2))
+    inode = (out / "ckpt" / "trainer_state.pt").stat().st_ino
+    # what a kill between `ckpt -> .ckpt.old-*` and `tmp -> ckpt` leaves: no ckpt/, a complete old
+    # one, and the temporary of the interrupted write (still tagged: its writer died mid-write)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "ckpt").rename(out / f".ckpt.old-{dead.pid}-beef")
+    tmp = out / f".ckpt.tmp-{dead.pid}-cafe"
+    tmp.mkdir()
+    (tmp / ".xinzhou-tmp").write_text(json.dumps({"pid": dead.pid, "host": __import__("socket").gethostname()}))
+    (tmp / "model.safetensors").write_bytes(b"half")
+    train(model_cfg, cfg(shard, out, steps=2))  # resumes at step 2 of 2: nothing to train, nothing rewritten
+    assert (out / "ckpt" / "trainer_state.pt").stat().st_ino == inode  # the old checkpoint itself, moved back
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt", "loss.png", "metrics.jsonl", "run.json"]
+    assert torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)["step"] == 2
+
+
+def test_lr_schedule_values():
+    from xinzhou.train import lr_at
+    c = TrainConfig(data="d", out_dir="o", lr=1.0, warmup_steps=4, steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, c) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup to the peak
+    assert lr_at(4, c) == 1.0  # cosine from the peak ...
+    assert lr_at(9, c) == pytest.approx(0.1 + 0.9 * 0.5)  # ... through the midpoint ...
+    assert lr_at(14, c) == pytest.approx(0.1) and lr_at(100, c) == pytest.approx(0.1)  # ... to min_lr_ratio * lr
+
+
 def test_sigmoid_router_bias_is_nudged_toward_balance(shard, tmp_path):
     # M2-style model with a router that starts heavily skewed toward expert 0
     model_cfg = preset("tiny", vocab_size=V, layer_types=("softmax", "softmax"), router="sigmoid", qk_norm=True,

@@ -9,6 +9,10 @@
 A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
 loss.png and ckpt/), report.md and levels.png. The final checkpoint is sft/ckpt: a Hugging Face
 directory that transformers loads.
+
+Errors in the input (a missing checkpoint, a malformed file, an output path that holds files
+xinzhou did not write) are printed as `xinzhou: error: <what, where>` with exit status 1;
+`--debug` shows the Python traceback instead.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from xinzhou import tasks
 from xinzhou.chat_format import render_text
 from xinzhou.config import ModelConfig, preset
 from xinzhou.data import read_corpus, tokenize_docs, write_shards
+from xinzhou.errors import CheckpointError, DataError, OutputError, cli_errors
 from xinzhou.evals import capability_report, plot_levels, report_markdown
 from xinzhou.hf import load_hf
 from xinzhou.tokenizer import Tokenizer, train_tokenizer
-from xinzhou.train import TrainConfig, train
+from xinzhou.train import TrainConfig, check_run_dir, train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +84,10 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     recipe_name = recipe if isinstance(recipe, str) else "custom"
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
+    for stage in ("pretrain", "sft"):  # refuse before minutes of work, not after
+        check_run_dir(out_dir / stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     random.seed(seed)
@@ -131,13 +140,44 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     return out_dir
 
 
+REPORT_TITLE = "# Capability report"
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Tokenizer.load with the project's error types (the file, and what is wrong with it)."""
+    try:
+        return Tokenizer.load(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no tokenizer.json there (a speedrun writes one into every checkpoint)") from e
+    except ValueError as e:
+        raise DataError(str(e)) from e
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """report.md, levels.json and levels.png are overwritten only when they are an earlier report."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is a file; the report goes into a directory")
+    md, js, png = out_dir / "report.md", out_dir / "levels.json", out_dir / "levels.png"
+    ours = md.is_file() and md.read_text(errors="replace").startswith(REPORT_TITLE)
+    for f in (md, js, png):
+        if f.exists() and not ours:
+            raise OutputError(f"{f}: exists and is not a xinzhou capability report; choose another --out")
+
+
 def report(ckpt: Path, out_dir: Path, n: int = 200) -> list:
+    if n < 1:
+        raise ValueError(f"n = {n}: the report needs at least one held-out sample per level")
+    check_report_dir(out_dir)
     model = load_hf(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    tok = Tokenizer.load(ckpt / "tokenizer.json")
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    if tok.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{ckpt}: tokenizer.json has {tok.vocab_size} tokens, the model only "
+                              f"{model.config.vocab_size}: not this checkpoint's tokenizer")
     results = capability_report(model, tok, n=n)
-    (out_dir / "report.md").write_text(
-        f"# Capability report\n\nCheckpoint `{ckpt}`, held-out samples, greedy decoding.\n\n" + report_markdown(results))
-    (out_dir / "levels.json").write_text(json.dumps([dict(level=x.level, family=x.family, metric=x.metric,
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "report.md", f"{REPORT_TITLE}\n\nCheckpoint `{ckpt}`, held-out samples, greedy decoding.\n\n"
+                + report_markdown(results))
+    _write_text(out_dir / "levels.json", json.dumps([dict(level=x.level, family=x.family, metric=x.metric,
                                                           score=x.score, threshold=x.threshold, passed=x.passed,
                                                           answer_accuracy=x.answer_accuracy, n=x.n)
                                                      for x in results], indent=2))
@@ -145,25 +185,62 @@ def report(ckpt: Path, out_dir: Path, n: int = 200) -> list:
     return results
 
 
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
+
+
+def _check_inputs_not_output(inputs: list[str], out: str) -> None:
+    o = Path(out).resolve()
+    for i in inputs:
+        p = Path(i).resolve()
+        if p == o or o in p.parents:
+            raise OutputError(f"--out {out} would replace the input {i}: write the shards somewhere else")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="xinzhou")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("speedrun", help="tokenizer -> curriculum -> pretrain -> SFT -> capability report")
+    s = sub.add_parser("speedrun", parents=[common],
+                       help="tokenizer -> curriculum -> pretrain -> SFT -> capability report")
     s.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("eval", help="capability report of a checkpoint directory (with tokenizer.json)")
+    e = sub.add_parser("eval", parents=[common], help="capability report of a checkpoint directory (with tokenizer.json)")
     e.add_argument("ckpt")
-    e.add_argument("--out", default=None)
-    e.add_argument("-n", type=int, default=200)
-    d = sub.add_parser("data", help="tokenize corpora (txt, jsonl, parquet files or folders) into packed shards")
+    e.add_argument("--out", default=None, help="where report.md, levels.json and levels.png go "
+                   "(default: the checkpoint's parent directory)")
+    e.add_argument("-n", type=_positive, default=200, help="held-out samples per level")
+    d = sub.add_parser("data", parents=[common], help="tokenize corpora (txt, jsonl, parquet files or folders) into packed shards")
     d.add_argument("inputs", nargs="+")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder with one)")
     d.add_argument("--out", required=True)
     d.add_argument("--paragraphs", action="store_true", help=".txt: one document per blank-line-separated paragraph")
     args = p.parse_args(argv)
+    with cli_errors(args.debug):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.cmd == "data":
-        tok = Tokenizer.load(args.tokenizer)
+        _check_inputs_not_output(args.inputs, args.out)
+        for i in args.inputs:
+            if not Path(i).exists():
+                raise DataError(f"{i}: no such file or directory")
+        tok = load_tokenizer(Path(args.tokenizer))
         items = (doc for path in args.inputs for doc in read_corpus(path, args.paragraphs))
         out = write_shards(tokenize_docs(items, tok), args.out, tok.vocab_size, source=" ".join(args.inputs))
         meta = json.loads((out / "meta.json").read_text())
@@ -172,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         speedrun(args.preset, args.out, args.seed)
     elif args.cmd == "eval":
         ckpt = Path(args.ckpt)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
         results = report(ckpt, Path(args.out or ckpt.parent), n=args.n)
         sys.stdout.write(report_markdown(results))
 

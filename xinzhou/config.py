@@ -56,6 +56,23 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        # types first: a string or None in a size would otherwise fail later, far from its cause
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", "int | None"):
+                ok = (isinstance(v, int) and not isinstance(v, bool)) or (v is None and f.type == "int | None")
+                expected = "an integer" + (" or None" if f.type == "int | None" else "")
+            elif f.type == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                expected = "a number"
+            elif f.type == "bool":
+                ok, expected = isinstance(v, bool), "True or False"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{f.name} = {v!r}: expected {expected}")
+        if isinstance(self.layer_types, str) or not isinstance(self.layer_types, (tuple, list)):
+            raise ValueError(f"layer_types = {self.layer_types!r}: expected a sequence of 'lightning' / 'softmax'")
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         for i, t in enumerate(self.layer_types):
             if t not in LAYER_TYPES:

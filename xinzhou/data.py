@@ -5,7 +5,8 @@ A shard directory holds
     mask.bin    uint8 loss mask (1 = learn to predict this token)
     docs.npy    int64 start offset of every document, plus the total length at the end
     meta.json   dtype, counts, vocab size, sources
-and is written atomically (temporary directory + rename).
+and is written atomically (xinzhou.atomic: temporary directory + rename), only over a shard
+directory xinzhou wrote.
 
 Sources: the task curriculum (xinzhou.tasks), or user files: .txt (one document per file, or per
 blank-line-separated paragraph with `paragraphs=True`), .jsonl (`{"text": ...}` or
@@ -22,19 +23,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from xinzhou.atomic import atomic_dir
+from xinzhou.errors import DataError
+
+__all__ = ["DataError", "PackedLoader", "open_shards", "pack_windows", "read_corpus", "tokenize_docs",
+           "write_shards"]
+
 Doc = tuple[list[int], list[int]]  # token ids, loss mask
-
-
-class DataError(ValueError):
-    """Unreadable or malformed data: names the file and the problem."""
 
 
 # ----------------------------------------------------------------------------- reading corpora
@@ -97,22 +98,27 @@ def _record(rec: object, where: str) -> str | dict:
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
         return rec["text"]
     if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-        return {"messages": rec["messages"], "tools": rec.get("tools")}
+        return {"messages": rec["messages"], "tools": rec.get("tools"), "where": where}
     raise DataError(f"{where}: expected a 'text' string or a 'messages' list")
 
 
 def tokenize_docs(items: Iterable[str | dict], tokenizer) -> Iterator[Doc]:
     """Plain text -> bos + text + eos, all learned; chat -> chat_format render with its loss mask
-    (an item's "keep_all_thinking" renders and trains every assistant turn with its thinking)."""
+    (an item's "keep_all_thinking" renders and trains every assistant turn with its thinking).
+    A chat record that cannot be rendered raises DataError naming its "where" (file and line, as
+    read_corpus gives it) or its position in `items`."""
     from xinzhou.chat_format import render
 
-    for item in items:
+    for n, item in enumerate(items):
         if isinstance(item, str):
             ids = [tokenizer.bos_id, *tokenizer.encode(item), tokenizer.eos_id]
             yield ids, [0] + [1] * (len(ids) - 1)
         else:
-            r = render(item["messages"], tokenizer, tools=item.get("tools"),
-                       keep_all_thinking=item.get("keep_all_thinking", False))
+            try:
+                r = render(item["messages"], tokenizer, tools=item.get("tools"),
+                           keep_all_thinking=item.get("keep_all_thinking", False))
+            except (ValueError, TypeError, AttributeError, KeyError) as e:  # a malformed record
+                raise DataError(f"{item.get('where') or f'document {n}'}: {e}") from e
             yield list(r.ids), list(r.loss_mask)
 
 
@@ -120,11 +126,11 @@ def tokenize_docs(items: Iterable[str | dict], tokenizer) -> Iterator[Doc]:
 
 def write_shards(docs: Iterable[Doc], out_dir: str | os.PathLike, vocab_size: int,
                  source: str = "") -> Path:
+    """Write docs as a shard directory at out_dir. An existing out_dir is replaced only when it is
+    a shard directory xinzhou wrote (else OutputError); it stays as it was if anything fails."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, "shards") as tmp:
         starts, n = [0], 0
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
             for ids, mask in docs:
@@ -145,26 +151,35 @@ def write_shards(docs: Iterable[Doc], out_dir: str | os.PathLike, vocab_size: in
         meta = dict(dtype=np.dtype(dtype).name, n_tokens=n, n_docs=len(starts) - 1, vocab_size=vocab_size,
                     source=source)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def open_shards(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such shard directory (write one with `xinzhou data`)")
     try:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError as e:
         raise DataError(f"{path}: no meta.json (not a shard directory, or an interrupted write)") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path / 'meta.json'}: invalid JSON ({e.msg})") from e
-    tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r")
-    mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r")
-    docs = np.load(path / "docs.npy")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path / 'meta.json'}: invalid JSON ({e})") from e
+    fields = {"dtype": str, "n_tokens": int, "vocab_size": int}
+    for key, kind in fields.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            got = meta.get(key) if isinstance(meta, dict) else meta
+            raise DataError(f"{path / 'meta.json'}: field {key!r} is {got!r}, expected {kind.__name__}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path / 'meta.json'}: dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    for name in ("tokens.bin", "mask.bin", "docs.npy"):
+        if not (path / name).is_file():
+            raise DataError(f"{path}: {name} is missing (an incomplete copy?)")
+    try:
+        tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r")
+        mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r")
+        docs = np.load(path / "docs.npy")
+    except ValueError as e:  # numpy: an empty memmap, or a damaged .npy header
+        raise DataError(f"{path}: unreadable shard files ({e})") from e
     if len(tokens) != meta["n_tokens"] or len(mask) != meta["n_tokens"] or docs[-1] != meta["n_tokens"]:
         raise DataError(f"{path}: tokens.bin has {len(tokens)} tokens, mask.bin {len(mask)}, "
                         f"meta.json says {meta['n_tokens']}: truncated or mismatched files")

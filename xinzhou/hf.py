@@ -14,11 +14,10 @@ straight into the model's parameters, so loading never holds two copies of the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +25,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from xinzhou.atomic import atomic_dir
 from xinzhou.config import ModelConfig
+from xinzhou.errors import CheckpointError
 from xinzhou.model import XinzhouLM
+
+__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "load_hf", "save_hf", "write_hf"]
 
 HYBRID_TYPES = ("minimax", "minimax_text_01", "minimax_m1")
 MODEL_TYPES = (*HYBRID_TYPES, "minimax_m2")
@@ -35,23 +38,47 @@ MODEL_TYPES = (*HYBRID_TYPES, "minimax_m2")
 DERIVED = re.compile(r"\.(slope_rate|query_decay|key_decay|diagonal_decay|rotary_emb\.inv_freq)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the file, key and shapes."""
-
-
 # ----------------------------------------------------------------------------- config
 
+_MISSING = object()
+
+
+def _typed(d: dict, key: str, kind: type, source: str, default: object = _MISSING) -> object:
+    """d[key] as kind (int, float or bool), with an error naming the file and field otherwise.
+    A field that is absent or null takes the default; without one it is required."""
+    v = d.get(key)
+    if v is None:
+        if default is _MISSING:
+            raise CheckpointError(f"{source}: missing field {key!r}" if key not in d else
+                                  f"{source}: field {key!r} is null, expected {'an integer' if kind is int else kind.__name__}")
+        return default
+    if kind is bool:
+        ok = isinstance(v, bool)
+    elif kind is int:
+        ok = (isinstance(v, int) or isinstance(v, float) and v.is_integer()) and not isinstance(v, bool)
+    else:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not ok:
+        expected = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+        raise CheckpointError(f"{source}: field {key!r} is {v!r}, expected {expected}")
+    return kind(v)
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
-    def need(key: str) -> object:
-        if key not in d:
-            raise CheckpointError(f"{source}: missing field {key!r}")
-        return d[key]
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: expected a JSON object of config fields, got a {type(d).__name__}")
+
+    def need(key: str, kind: type = int) -> object:
+        return _typed(d, key, kind, source)
+
+    def opt(key: str, default: object, kind: type = int) -> object:
+        return _typed(d, key, kind, source, default)
 
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"{source}: model_type {model_type!r} is not one of {MODEL_TYPES}")
     m2 = model_type == "minimax_m2"
-    num_layers = int(need("num_hidden_layers"))
+    num_layers = need("num_hidden_layers")
     if "layer_types" in d:
         names = {"linear_attention": "lightning", "full_attention": "softmax"}
         raw, field = d["layer_types"], "layer_types"
@@ -62,52 +89,64 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         names, raw, field = {"full_attention": "softmax"}, ["full_attention"] * num_layers, "layer_types"
     else:
         raise CheckpointError(f"{source}: neither 'layer_types' nor 'attn_type_list' says which layers are linear")
+    if not isinstance(raw, list):
+        raise CheckpointError(f"{source}: field {field!r} is {raw!r}, expected a list of layer types")
     for i, t in enumerate(raw):
-        if t not in names:
+        if not isinstance(t, (str, int)) or isinstance(t, bool) or t not in names:
             raise CheckpointError(f"{source}: {field}[{i}] = {t!r} is an unknown layer type "
                                   f"(expected one of {list(names)})")
     layer_types = tuple(names[t] for t in raw[:num_layers])
     if len(layer_types) != num_layers:
         raise CheckpointError(f"{source}: {field} has {len(raw)} entries for num_hidden_layers = {num_layers}")
 
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    head_dim = int(d.get("head_dim") or hidden // heads)
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    if heads <= 0:
+        raise CheckpointError(f"{source}: num_attention_heads = {heads}: must be > 0")
+    head_dim = opt("head_dim", hidden // heads)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{source}: rope parameters {rope!r}: expected a JSON object")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    theta = float(d.get("rope_theta") or rope.get("rope_theta") or (5e6 if m2 else 1e6))
+    theta = opt("rope_theta", None, float) or _typed(rope, "rope_theta", float, f"{source} rope parameters",
+                                                     5e6 if m2 else 1e6)
     if d.get("rotary_dim"):
-        rotary_dim = int(d["rotary_dim"])
+        rotary_dim = need("rotary_dim")
     else:
-        rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
-    if int(d.get("shared_intermediate_size") or 0) > 0:
+        factor = _typed(rope, "partial_rotary_factor", float, f"{source} rope parameters", 1.0)
+        rotary_dim = int(head_dim * factor)
+    if opt("shared_intermediate_size", 0) > 0:
         raise CheckpointError(f"{source}: shared experts (shared_intermediate_size > 0) are not supported")
     eos = d.get("eos_token_id")
+    if isinstance(eos, list) and eos:
+        eos = eos[0]
+    token_ids = {k: _typed({k: v}, k, int, source, None)
+                 for k, v in (("bos_token_id", d.get("bos_token_id")), ("eos_token_id", eos),
+                              ("pad_token_id", d.get("pad_token_id")))}
     common = dict(
-        vocab_size=int(need("vocab_size")), hidden_size=hidden, layer_types=layer_types, num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=head_dim, rotary_dim=rotary_dim,
-        rope_theta=theta, num_experts=int(need("num_local_experts")),
-        experts_per_token=int(need("num_experts_per_tok")), expert_dim=int(need("intermediate_size")),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6 if m2 else 1e-5)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
-        max_position_embeddings=int(d.get("max_position_embeddings", 1 << 20)),
-        initializer_range=float(d.get("initializer_range", 0.02)),
-        bos_token_id=d.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        pad_token_id=d.get("pad_token_id"), block_size=int(d.get("block_size", 256)))
+        vocab_size=need("vocab_size"), hidden_size=hidden, layer_types=layer_types, num_heads=heads,
+        num_kv_heads=opt("num_key_value_heads", heads), head_dim=head_dim, rotary_dim=rotary_dim,
+        rope_theta=theta, num_experts=need("num_local_experts"),
+        experts_per_token=need("num_experts_per_tok"), expert_dim=need("intermediate_size"),
+        norm_eps=opt("rms_norm_eps", 1e-6 if m2 else 1e-5, float),
+        tie_embeddings=opt("tie_word_embeddings", False, bool),
+        router_aux_loss_coef=opt("router_aux_loss_coef", 0.001, float),
+        max_position_embeddings=opt("max_position_embeddings", 1 << 20),
+        initializer_range=opt("initializer_range", 0.02, float),
+        block_size=opt("block_size", 256), **token_ids)
     if m2:
         if d.get("scoring_func", "sigmoid") != "sigmoid":
             raise CheckpointError(f"{source}: scoring_func {d['scoring_func']!r}: MiniMax-M2 routes with 'sigmoid'")
         if d.get("qk_norm_type", "per_layer") != "per_layer":
             raise CheckpointError(f"{source}: qk_norm_type {d['qk_norm_type']!r} is not supported")
-        return ModelConfig(**common, router="sigmoid", qk_norm=bool(d.get("use_qk_norm", True)), residual="prenorm")
+        return _build(source, **common, router="sigmoid", qk_norm=opt("use_qk_norm", True, bool), residual="prenorm")
     if d.get("postnorm", True) is not True:
         raise CheckpointError(f"{source}: postnorm = {d['postnorm']!r}: only MiniMax's post-norm layout is supported")
 
     def factor(new: str, old: str) -> float:
-        return float(d.get(new, d.get(old, 1.0)))
+        return opt(new, opt(old, 1.0, float), float)
 
-    return ModelConfig(
+    return _build(source, 
         **common, router="softmax", residual="deepnorm",
         linear_attn_alpha=factor("linear_attn_alpha_factor", "layernorm_linear_attention_alpha"),
         linear_attn_beta=factor("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
@@ -115,6 +154,13 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         full_attn_beta=factor("full_attn_beta_factor", "layernorm_full_attention_beta"),
         mlp_alpha=factor("mlp_alpha_factor", "layernorm_mlp_alpha"),
         mlp_beta=factor("mlp_beta_factor", "layernorm_mlp_beta"))
+
+
+def _build(source: str, **fields: object) -> ModelConfig:
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:  # ModelConfig's own checks (a size of 0, heads not divisible, ...)
+        raise CheckpointError(f"{source}: {e}") from e
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -199,8 +245,10 @@ def _shard_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -210,6 +258,17 @@ def _shard_files(path: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
     return files
+
+
+@contextlib.contextmanager
+def _open_shard(f: Path) -> Iterator:
+    """safe_open with an error that names the file (safetensors' own errors do not)."""
+    try:
+        handle = safe_open(f, framework="pt")
+    except Exception as e:  # SafetensorError (header too small, invalid JSON, truncated) or OSError
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e}); truncated or damaged?") from e
+    with handle as sf:
+        yield sf
 
 
 def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
@@ -224,17 +283,30 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
     """Build an XinzhouLM from a Hugging Face checkpoint directory. `overrides` replace config
     fields that are runtime choices (e.g. lm_head_fp32=True)."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory" if not path.exists() else
+                              f"{path}: is a file; a checkpoint is a directory with config.json and *.safetensors")
     cfg_file = path / "config.json"
     try:
         hf_cfg = json.loads(cfg_file.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{cfg_file}: not found (is {path} a Hugging Face checkpoint directory?)") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
-    cfg = config_from_hf(hf_cfg, str(cfg_file)).replace(**overrides)
+    cfg = config_from_hf(hf_cfg, str(cfg_file))
+    try:
+        cfg = cfg.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_hf overrides {overrides}: {e}") from e
     quant = hf_cfg.get("quantization_config") or {}
-    fp8_block = quant.get("weight_block_size") if quant.get("quant_method") == "fp8" else None
-    n_mtp = int(hf_cfg.get("num_mtp_modules") or 0)  # M2 ships 3; inference does not use them
+    fp8_block = None
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+        fp8_block = quant.get("weight_block_size")
+        if not (isinstance(fp8_block, list) and len(fp8_block) == 2 and all(isinstance(b, int) and b > 0
+                                                                              for b in fp8_block)):
+            raise CheckpointError(f"{cfg_file}: quantization_config.weight_block_size is {fp8_block!r}, "
+                                  "expected two positive integers")
+    n_mtp = _typed(hf_cfg, "num_mtp_modules", int, str(cfg_file), 0)  # M2 ships 3; inference does not use them
 
     with torch.device("meta"):
         model = XinzhouLM(cfg)
@@ -250,7 +322,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
     files = _shard_files(path)
     where = {}  # key -> file, for scales stored in another shard
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with _open_shard(f) as sf:
             where.update((k, f) for k in sf.keys())
 
     def expect(key: str, target: torch.Tensor, got: torch.Size | list[int], file: Path) -> None:
@@ -259,19 +331,22 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device:
 
     unexpected = []
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with _open_shard(f) as sf:
             for key in sf.keys():
                 if DERIVED.search(key) or key.endswith("weight_scale_inv") or _is_mtp(key, cfg.num_layers, n_mtp):
                     continue  # recomputed, consumed with their weight, or multi-token-prediction modules
                 shape = sf.get_slice(key).get_shape()
 
                 def read() -> torch.Tensor:
-                    t = sf.get_tensor(key)
+                    try:
+                        t = sf.get_tensor(key)
+                    except Exception as e:  # data past the end of a truncated file
+                        raise CheckpointError(f"{f}: cannot read tensor {key} ({e}); truncated or damaged?") from e
                     if fp8_block and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                         scale_key = key + "_scale_inv"
                         if scale_key not in where:
                             raise CheckpointError(f"{f.name}: fp8 tensor {key} has no {scale_key}")
-                        with safe_open(where[scale_key], framework="pt") as sf2:
+                        with _open_shard(where[scale_key]) as sf2:
                             t = _dequant_fp8(t, sf2.get_tensor(scale_key), fp8_block)
                     return t
 
@@ -341,17 +416,6 @@ def _checkpoint_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Ite
             yield p + "w3.weight", w13[e, F:]
 
 
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished tmp directory to path; an existing path is replaced only after tmp is complete."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-
-
 def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, max_shard_bytes: int = 4 << 30,
              dtype: torch.dtype | None = None) -> None:
     """Write config.json + safetensors shards (+ index when sharded) of a model state dict into the
@@ -390,15 +454,11 @@ def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, max_sh
 
 def save_hf(model: XinzhouLM, path: str | os.PathLike, max_shard_bytes: int = 4 << 30,
             dtype: torch.dtype | None = None) -> Path:
-    """Write the model as a Hugging Face checkpoint directory, atomically: everything goes to a
-    temporary sibling directory first, then one rename (an existing directory is replaced)."""
+    """Write the model as a Hugging Face checkpoint directory, atomically (xinzhou.atomic): into a
+    temporary sibling directory, then renamed. An existing path is replaced only when it is a
+    checkpoint xinzhou wrote; anything else (a file, a folder with other files) is refused with
+    an OutputError and left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, "checkpoint") as tmp:
         write_hf(model.state_dict(), model.config, tmp, max_shard_bytes, dtype)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

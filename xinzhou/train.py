@@ -13,7 +13,12 @@ Output directory:
     metrics.jsonl   one row per step (loss, ce, aux, lr, grad_norm, tokens/s)
     loss.png        the loss curve, drawn from metrics.jsonl
     ckpt/           Hugging Face checkpoint (config.json, safetensors, tokenizer.json) + trainer_state.pt,
-                    written to a temporary directory and renamed, so a half-written one is never loaded
+                    written by xinzhou.atomic: a temporary directory renamed into place, so a half-written
+                    one is never loaded and a complete one is always on disk (a run killed between the
+                    renames finds its last checkpoint again; stale temporaries are removed at the start)
+
+An existing output directory is used (and resumed) only when it is a training directory xinzhou
+wrote; `python -m xinzhou.train` prints errors as `xinzhou: error: ...` (`--debug` for tracebacks).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +42,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from xinzhou.atomic import atomic_dir, recover
 from xinzhou.config import ModelConfig, preset
 from xinzhou.data import PackedLoader
-from xinzhou.hf import CheckpointError, config_from_hf, config_to_hf, load_hf, replace_dir, write_hf
+from xinzhou.errors import CheckpointError, DataError, OutputError, cli_errors
+from xinzhou.hf import config_from_hf, config_to_hf, load_hf, write_hf
 from xinzhou.model import XinzhouLM
 from xinzhou.ops.moe import update_correction_bias
 
@@ -67,6 +73,17 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint directory to start from (SFT after pretraining)
     tokenizer: str | None = None  # tokenizer.json copied into every checkpoint
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        for name in ("warmup_steps", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 0")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"lr = {self.lr}, min_lr_ratio = {self.min_lr_ratio}: need lr > 0 and "
+                             "min_lr_ratio in [0, 1]")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -120,8 +137,7 @@ def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Tra
         dist.barrier()
         return
     out = Path(cfg.out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.tmp-", dir=out))
-    try:
+    with atomic_dir(out / "ckpt", "checkpoint") as tmp:
         write_hf(model_sd, model_cfg, tmp)
         torch.save(dict(step=step, optimizer=opt_sd, distributed=dist.is_initialized(), loader=loader.state_dict(),
                         rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())),
@@ -129,10 +145,6 @@ def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Tra
         (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         if cfg.tokenizer:
             shutil.copy(Path(cfg.tokenizer), tmp / "tokenizer.json")
-        replace_dir(tmp, out / "ckpt")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if dist.is_initialized():
         dist.barrier()
 
@@ -152,12 +164,38 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, torch.device("cpu")
 
 
+RUN_FILES = ("run.json", "metrics.jsonl", "loss.png", "ckpt")  # what train() writes into out_dir
+
+
+def check_run_dir(out: Path) -> None:
+    """out_dir must be new, empty, or a training directory xinzhou wrote (it is resumed)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is a file; the training output must be a directory")
+    if out.is_dir():
+        entries = {p.name for p in out.iterdir()}
+        if entries and not entries & set(RUN_FILES):
+            raise OutputError(f"{out}: holds files that are not a xinzhou training run ({', '.join(sorted(entries)[:5])}); "
+                              "choose a new or empty output directory")
+
+
 def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
     """Train to cfg.steps (resuming from out_dir/ckpt when it is there); returns the checkpoint dir."""
-    rank, world, device = _setup_distributed()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out)
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
+        raise DataError(f"{cfg.tokenizer}: no such tokenizer file (expected a tokenizer.json)")
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise CheckpointError(f"{cfg.init_from}: no such checkpoint directory (init_from)")
+    if model_cfg is None and not cfg.init_from and not (out / "ckpt").exists():
+        raise ValueError("train() needs a model config (e.g. --preset tiny) or an init_from checkpoint")
+    PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, 0, 1, cfg.seed)  # bad data fails before anything is written
+    rank, world, device = _setup_distributed()
     ckpt = out / "ckpt"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        recover(ckpt, "checkpoint")  # an interrupted save: restore the last complete checkpoint, drop temporaries
+    if dist.is_initialized():
+        dist.barrier()
     torch.manual_seed(cfg.seed)
 
     resume = (ckpt / "trainer_state.pt").exists()
@@ -187,11 +225,16 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
     loader = PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, rank, world, cfg.seed)
     if loader.meta["vocab_size"] > model_cfg.vocab_size:
-        raise ValueError(f"{cfg.data}: tokens up to {loader.meta['vocab_size']} but the model's vocab is "
+        raise DataError(f"{cfg.data}: tokens up to {loader.meta['vocab_size']} but the model's vocab is "
                          f"{model_cfg.vocab_size}")
     start = 0
     if resume:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        try:
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+            state["step"], state["optimizer"], state["loader"], state["rng"]  # noqa: B018 - the keys resume reads
+        except Exception as e:  # a damaged or foreign file: torch raises many types
+            raise CheckpointError(f"{ckpt / 'trainer_state.pt'}: unreadable trainer state ({type(e).__name__}: {e}); "
+                                  f"remove {ckpt} to start over") from e
         if state["distributed"] != (world > 1):
             raise CheckpointError(f"{ckpt}: optimizer state was saved with world_size "
                                   f"{'>1' if state['distributed'] else '1'}; resume with the same")
@@ -318,18 +361,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--init-from", default=None)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("data", "out_dir", "init_from", "tokenizer", "progress"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(data=args.data, out_dir=args.out, init_from=args.init_from, tokenizer=args.tokenizer,
-                      **{k: v for k, v in vars(args).items() if k in fields and k not in ("data", "init_from", "tokenizer")})
-    model_cfg = None
-    if args.preset:
-        model_cfg = preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
-    train(model_cfg, cfg)
+    try:
+        cfg = TrainConfig(data=args.data, out_dir=args.out, init_from=args.init_from, tokenizer=args.tokenizer,
+                          **{k: v for k, v in vars(args).items() if k in fields and k not in ("data", "init_from", "tokenizer")})
+        model_cfg = None
+        if args.preset:
+            model_cfg = preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    except ValueError as e:
+        p.error(str(e))
+    if model_cfg is None and not args.init_from and not (Path(args.out) / "ckpt").exists():
+        p.error("a fresh run needs --preset (e.g. --preset tiny) or --init-from CKPT")
+    with cli_errors(args.debug):
+        train(model_cfg, cfg)
 
 
 if __name__ == "__main__":
