@@ -10,11 +10,12 @@ import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from xinzhou.tokenizer import (
     M2_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
+    IncrementalDecoder,
     Tokenizer,
     train_tokenizer,
 )
@@ -116,9 +117,26 @@ def test_transformers_encodes_identically(tok: Tokenizer, saved: Path, text: str
 
 @given(text=marker_text)
 def test_transformers_with_split_special_tokens_matches(saved: Path, text: str) -> None:
-    # Our encode is transformers' encode with split_special_tokens=True (the injection-safe mode).
+    # Our encode is transformers' encode with split_special_tokens=True (the injection-safe mode):
+    # set when the tokenizer is created, or per call.
     ours = Tokenizer.load(saved).encode(text)
     assert _hf(saved, split=True).encode(text, add_special_tokens=False) == ours
+    assert _hf(saved)(text, add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"] == ours
+    if any(t in text for t in SPECIAL_TOKENS):  # by default transformers matches the markers
+        assert _hf(saved).encode(text, add_special_tokens=False) != ours
+
+
+def test_transformers_split_special_tokens_options(tok: Tokenizer, saved: Path) -> None:
+    text = "user says <think> and [e~[ then ]~b]ai <pad>"
+    ours = tok.encode(text)
+    assert not set(ours) & tok.special_ids
+    default = _hf(saved).encode(text, add_special_tokens=False)
+    assert [i for i in default if i in tok.special_ids] == [3, 2, 1, 7]  # markers matched
+    auto = AutoTokenizer.from_pretrained(saved.parent, split_special_tokens=True)
+    assert auto.encode(text, add_special_tokens=False) == ours
+    assert AutoTokenizer.from_pretrained(saved.parent).encode(text, add_special_tokens=False) \
+        == default
 
 
 def test_transformers_sees_the_special_tokens(tok: Tokenizer, saved: Path) -> None:
@@ -197,3 +215,95 @@ def test_loads_a_minimax_style_tokenizer_json(tmp_path: Path) -> None:
     out = tok.save(tmp_path / "resaved")
     flags = {t["content"]: t["special"] for t in json.loads(out.read_text())["added_tokens"]}
     assert all(flags[t] for t in M2_SPECIAL_TOKENS)
+    # split_special_tokens leaves non-special added tokens alone: on the original file
+    # transformers still matches "<think>"; on the file we re-save (all flagged special) it agrees
+    spelled = "a <think> b [e~[ c"
+    original = PreTrainedTokenizerFast(tokenizer_file=str(file), split_special_tokens=True)
+    assert tok.special_id("<think>") in original.encode(spelled, add_special_tokens=False)
+    assert _hf(out, split=True).encode(spelled, add_special_tokens=False) == tok.encode(spelled)
+
+
+# --- incremental decoding -----------------------------------------------------------------------
+
+MULTIBYTE = ["é", "心", "中", "😀", "👍🏽", "\u00a0", "a", " ", "\n", "<think>", "[e~["]
+multibyte_text = st.lists(st.one_of(st.sampled_from(MULTIBYTE), st.text(max_size=6)),
+                          max_size=12).map("".join)
+
+
+@pytest.fixture(scope="module")
+def odd_tok() -> Tokenizer:
+    """Ours plus added tokens that exercise the ByteLevel decoder's per-token rule: one made of
+    alphabet characters whose bytes are not UTF-8 ("é" is byte 0xE9), one with a character
+    outside the alphabet (decoded from its own UTF-8 bytes), and a non-M2 special token."""
+    t = train_tokenizer(CORPUS, vocab_size=400)
+    t.backend.add_special_tokens([AddedToken("é<s>", special=True, normalized=False),
+                                  AddedToken("]!p~[", special=True, normalized=False)])
+    t.backend.add_tokens([AddedToken("Ġy心", special=False, normalized=False)])
+    return Tokenizer(t.backend)
+
+
+def _pushed(tok: Tokenizer, ids: list[int], skip_special: bool) -> str:
+    dec = IncrementalDecoder(tok, skip_special=skip_special)
+    out = "".join(dec.push(i) for i in ids) + dec.flush()
+    assert dec.text == out
+    return out
+
+
+@given(text=multibyte_text, skip_special=st.booleans())
+def test_incremental_decoding_of_text(tok: Tokenizer, text: str, skip_special: bool) -> None:
+    ids = tok.encode(text)
+    assert _pushed(tok, ids, skip_special) == tok.decode(ids, skip_special=skip_special) == text
+
+
+@given(data=st.data(), skip_special=st.booleans(), odd=st.booleans())
+def test_incremental_decoding_of_any_ids(tok: Tokenizer, odd_tok: Tokenizer, data: st.DataObject,
+                                        skip_special: bool, odd: bool) -> None:
+    # Random ids split characters, leave them incomplete and make invalid UTF-8: the pieces
+    # still join to exactly what decode gives, U+FFFD for U+FFFD.
+    t = odd_tok if odd else tok
+    byte_ids = [i for i in range(t.vocab_size) if len(t.token_bytes(i)) == 1]
+    ids = data.draw(st.lists(st.one_of(st.integers(0, t.vocab_size - 1),
+                                       st.sampled_from(byte_ids)), max_size=24))
+    assert _pushed(t, ids, skip_special) == t.decode(ids, skip_special=skip_special)
+
+
+def test_push_holds_back_an_incomplete_character(tok: Tokenizer) -> None:
+    ids = _byte_ids(tok, "心".encode())
+    dec = IncrementalDecoder(tok)
+    assert [dec.push(i) for i in ids] == ["", "", "心"]
+    assert dec.push(ids[0]) == "" and dec.flush() == "\ufffd"  # cut off: one U+FFFD
+    assert dec.push(tok.special_id("</think>")) == "</think>"  # pushing goes on after flush
+    assert dec.text == "心\ufffd</think>"
+    quiet = IncrementalDecoder(tok, skip_special=True)
+    assert [quiet.push(i) for i in [ids[0], 3, ids[1], ids[2]]] == ["", "", "", "心"]
+
+
+def _byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
+    """One id per byte: the vocabulary's single-byte tokens."""
+    by_byte = {tok.token_bytes(i): i for i in range(tok.vocab_size)
+               if len(tok.token_bytes(i)) == 1 and i not in tok.special_ids}
+    return [by_byte[bytes([b])] for b in data]
+
+
+def test_token_bytes(tok: Tokenizer, odd_tok: Tokenizer) -> None:
+    singles = {tok.token_bytes(i) for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1}
+    assert singles == {bytes([b]) for b in range(256)}  # the whole byte alphabet
+    assert tok.token_bytes(tok.special_id("<think>")) == b"<think>"
+    assert tok.token_bytes(tok.encode(" ")[0]) == b" "
+    assert odd_tok.token_bytes(odd_tok.backend.token_to_id("é<s>")) == b"\xe9<s>"
+    assert odd_tok.token_bytes(odd_tok.backend.token_to_id("Ġy心")) == "Ġy心".encode()
+    with pytest.raises(ValueError, match=r"token id 400 is outside the vocabulary .*0\.\.399"):
+        tok.token_bytes(400)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        IncrementalDecoder(tok).push(-1)
+
+
+def test_incremental_decoder_needs_a_byte_level_tokenizer() -> None:
+    backend = tokenizers.Tokenizer(models.BPE(unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["?", *SPECIAL_TOKENS], show_progress=False))
+    t = Tokenizer(backend)
+    with pytest.raises(ValueError, match="ByteLevel decoder.*Metaspace"):
+        IncrementalDecoder(t)

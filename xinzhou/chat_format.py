@@ -21,26 +21,51 @@ what the model produces in those turns (from `<think>` through `[e~[`); older tu
 rendered without thinking and not trained, unless `keep_all_thinking=True` renders (and trains)
 every assistant turn as it was generated.
 
-Parsing (`parse_assistant`, `StreamParser`) reads text generated after the generation prompt:
-it starts inside the thinking (`thinking_open=True`; an opening `<think>` is also accepted) or,
-with `thinking_open=False`, in the content. Batch parsing is the streaming parser fed once, so
-the two always agree. Decisions, in order of precedence:
-- `[e~[` or `]~b]` ends the output; anything after is ignored.
+Structure comes only from special-token ids. The one place where text markers are read is an
+assistant message sent back by a client without `reasoning_content`: MiniMax's API returns
+thinking inline in `content` (`<think>...</think>answer`) and clients send that content back, so
+it is split as M2's template splits it: reasoning is the text before the first spelled `</think>`
+(after any `<think>`), content the text after the last. This only moves text between the
+reasoning and the content of that turn (both are encoded as text, never as special ids); a
+reasoning or answer that itself spells `</think>` cannot be recovered from the inline form, which
+is why clients that need it exact send `reasoning_content`.
+
+Parsing (`StreamParser`, `parse_ids`) reads the ids generated after the generation prompt. Only
+the tokenizer's marker ids (`Tokenizer.special_ids`) are structure (any other added token of a
+real MiniMax file reads as its text, as `Tokenizer.decode` gives it): text tokens that spell `</think>`, `[e~[` or
+`<minimax:tool_call>` (a model echoing a hostile tool result) stay text in the reasoning, the
+content and argument values. Inside a block opened by the `<minimax:tool_call>` token, the
+`<invoke name=...>` / `<parameter name=...>` XML is ordinary text, parsed from text; the block
+closes only at the `</minimax:tool_call>` token. Output starts inside the thinking
+(`thinking_open=True`; an opening `<think>` token is also accepted) or, with
+`thinking_open=False`, in the content. `parse_ids` is the streaming parser fed all ids at once,
+and the parser's result does not depend on how ids or text are split into feeds. Decisions, in
+order of precedence:
+- `[e~[` or `]~b]` (or a stray `]~!b[` / `<pad>`) ends the output; anything after is ignored.
 - Everything before the first `</think>` is reasoning, tool-call XML included (never executed);
   with no `</think>` at all (truncated thinking) everything is reasoning and content is empty.
+- A special token with no meaning where it appears (`<minimax:tool_call>` inside the thinking,
+  `</think>` after it) reads as its spelling.
 - The template's separators are removed exactly: one "\n" after `<think>` and before
   `</think>`, up to two after `</think>`, one before `<minimax:tool_call>`.
 - A parameter value ends at a `</parameter>` followed (after whitespace) by `<parameter name=`,
-  `</invoke>` or `</minimax:tool_call>`, so a literal `</parameter>` inside a string survives.
+  `</invoke>` or the `</minimax:tool_call>` token, so a literal `</parameter>` (or a spelled
+  `</minimax:tool_call>`) inside a string survives.
 - Values are converted with the tool's JSON schema (strings raw, everything else JSON); a
   parameter the schema does not describe, or any parameter when `tools` is None, stays a string.
 - Failures never raise: a call to a tool not in `tools`, an unterminated or malformed call is
   reported as a `ToolCallError` event (`ParsedMessage.errors`), dropped from `tool_calls`, and
   its raw text is given back as content.
+Text is decoded with `tokenizer.IncrementalDecoder`, so a character split across tokens is never
+broken. `parse_markup` parses text in which every marker spelling is structure: for hand-written
+examples and tests only, never for model output.
 
-    from xinzhou.chat_format import render, parse_assistant, StreamParser
+    from xinzhou.chat_format import render, parse_ids, StreamParser
     r = render(messages, tok, tools=tools, add_generation_prompt=True)   # r.ids, r.loss_mask
-    msg = parse_assistant(generated_text, tools=tools)                   # .reasoning/.content/...
+    msg = parse_ids(generated_ids, tok, tools=tools)                     # .reasoning/.content/...
+    p = StreamParser(tools, tokenizer=tok)                               # while generating:
+    events = p.feed_ids([token_id])   # per new token: ReasoningDelta, ContentDelta, ToolCall...
+    events = p.finish()               # at the end: what was held back, unterminated calls
 
 Tests: `python -m pytest tests/test_chat_format.py -q`.
 """
@@ -57,11 +82,14 @@ from typing import Any
 from xinzhou.tokenizer import (
     BOS,
     EOS,
+    PAD,
     ROLE,
+    SPECIAL_TOKENS,
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
+    IncrementalDecoder,
     Tokenizer,
 )
 
@@ -256,7 +284,9 @@ def _reasoning_and_content(m: Message, where: str) -> tuple[str, str]:
     reasoning = m.get("reasoning_content")
     if isinstance(reasoning, str):
         return reasoning, content
-    if THINK_CLOSE in content:  # thinking sent back inline, as `<think>...</think>` in content
+    # Thinking sent back inline, as `<think>...</think>` in content (the module docstring says
+    # why this is the one place text markers are read): split as M2's own template does.
+    if THINK_CLOSE in content:
         parts = content.split(THINK_CLOSE)
         return parts[0].strip("\n").split(THINK_OPEN)[-1].strip("\n"), parts[-1].strip("\n")
     return "", content
@@ -349,28 +379,41 @@ class ParsedMessage:
         return msg
 
 
-_END_MARKERS = (EOS, ROLE)
+# End the output: `[e~[` and `]~b]` close the turn; `]~!b[` and `<pad>` have no place in one.
+_END_MARKERS = frozenset({EOS, ROLE, BOS, PAD})
 _PARAM_CLOSE = "</parameter>"
 _INVOKE_CLOSE = "</invoke>"
-_AFTER_PARAM = ('<parameter name=', _INVOKE_CLOSE, TOOL_CALL_CLOSE)  # what may follow a value
+# What may follow a value's "</parameter>" (after whitespace) as text; the TOOL_CALL_CLOSE token
+# may follow too. A spelled "</minimax:tool_call>" is not here: it is part of the value.
+_AFTER_PARAM = ('<parameter name=', _INVOKE_CLOSE)
 _LOOKAHEAD = max(map(len, _AFTER_PARAM))
 _SPACES = re.compile(r"\s*")
 _MAX_TAG = 1024  # an `<invoke ...>` / `<parameter ...>` tag longer than this is malformed
 _NAME = r"""\s+name\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))\s*>"""
 _INVOKE_RE = re.compile("<invoke" + _NAME)
 _PARAM_RE = re.compile("<parameter" + _NAME)
+_MARKUP_RE = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
 
 
 class StreamParser:
-    """Incremental parser of assistant output: `feed` text pieces, then `finish` once."""
+    """Incremental parser of assistant output: `feed_ids` as tokens are generated, then `finish`.
 
-    def __init__(self, tools: Sequence[Tool] | None = None, thinking_open: bool = True) -> None:
+    `feed_text` and `feed_marker` feed the same pieces by hand: text (never structure, whatever
+    it spells) and special tokens by their spelling; between `feed_ids` calls they first flush
+    the bytes of a character the ids left incomplete. Each call returns the events it completed.
+    """
+
+    def __init__(self, tools: Sequence[Tool] | None = None, thinking_open: bool = True,
+                 tokenizer: Tokenizer | None = None) -> None:
         self._schemas = None if tools is None else _schemas(tools)
         self._fallback = "reasoning" if thinking_open else "content"
+        self._decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        # special id -> its spelling: the only ids that are structure
+        self._markers = ({} if tokenizer is None else
+                         {i: tokenizer.id_to_token(i) or "" for i in tokenizer.special_ids})
         self._state = "start"
-        self._pending = ""  # not yet cleared of end markers
-        self._buf = ""  # cleared, not yet consumed by the state machine
-        self._ended = False  # saw an end marker
+        self._buf = ""  # text not yet consumed by the state machine
+        self._ended = False  # saw an end marker (or finish): later input is ignored
         self._finished = False
         self._events: list[Event] = []
         self._skip_newline = False  # drop one "\n" after an explicit <think>
@@ -384,23 +427,62 @@ class StreamParser:
         self._param = ""
         self._search_from = 0
 
-    def feed(self, text: str) -> list[Event]:
-        if self._finished:
-            raise RuntimeError("StreamParser.feed after finish")
-        if not self._ended:
-            self._pending += text
-            self._advance(final=False)
+    def feed_ids(self, ids: Iterable[int]) -> list[Event]:
+        """Generated token ids; only the tokenizer's special ids are structure."""
+        self._check_open("feed_ids")
+        if self._decoder is None:
+            raise ValueError("StreamParser.feed_ids needs the tokenizer: "
+                             "StreamParser(tools, tokenizer=tok)")
+        text: list[str] = []  # a run of text ids, decoded, fed at once
+        for i in ids:
+            if self._ended:
+                break
+            marker = self._markers.get(i)
+            if marker is None:
+                text.append(self._decoder.push(i))
+                continue
+            # A special id ends the text run: bytes of a character it cut become U+FFFD, as in
+            # tokenizer.decode (every marker starts with an ASCII byte, so nothing else differs).
+            text.append(self._decoder.flush())
+            self._text("".join(text))
+            text = []
+            self._marker(marker)
+        self._text("".join(text))
+        return self._take()
+
+    def feed_text(self, text: str) -> list[Event]:
+        """Ordinary text tokens: structure only inside a tool-call block (the invoke XML)."""
+        self._check_open("feed_text")
+        self._flush_ids()
+        self._text(text)
+        return self._take()
+
+    def feed_marker(self, marker: str) -> list[Event]:
+        """A special token, by its spelling (one of tokenizer.SPECIAL_TOKENS)."""
+        self._check_open("feed_marker")
+        if marker not in SPECIAL_TOKENS:
+            raise ValueError(f"feed_marker: {marker!r} is not a special token; expected one of "
+                             f"{list(SPECIAL_TOKENS)}")
+        self._flush_ids()
+        self._marker(marker)
         return self._take()
 
     def finish(self) -> list[Event]:
+        """The end of the output: completes or reports whatever is still open."""
         if self._finished:
             raise RuntimeError("StreamParser.finish called twice")
+        self._flush_ids()
         self._finished = True
-        self._advance(final=True)
-        if self._state in ("invoke", "param"):
-            self._fail("unterminated tool call")
-            self._run(final=True)
+        self._end()
         return self._take()
+
+    def _check_open(self, what: str) -> None:
+        if self._finished:
+            raise RuntimeError(f"StreamParser.{what} after finish")
+
+    def _flush_ids(self) -> None:
+        if self._decoder is not None:
+            self._text(self._decoder.flush())
 
     def _take(self) -> list[Event]:
         events, self._events = self._events, []
@@ -417,82 +499,115 @@ class StreamParser:
                 return
         self._events.append(ev)
 
-    def _advance(self, final: bool) -> None:
-        hits = [i for i in (self._pending.find(m) for m in _END_MARKERS) if i >= 0]
-        if hits:
-            self._buf += self._pending[: min(hits)]
-            self._pending = ""
-            self._ended = True
+    def _text(self, text: str) -> None:
+        if text and not self._ended:
+            self._buf += text
+            self._run(final=False)
+
+    def _marker(self, marker: str) -> None:
+        if self._ended:
+            return
+        if marker in _END_MARKERS:
+            self._end()
+            return
+        if self._state == "start" and marker != THINK_OPEN:
+            self._state = self._fallback  # the whitespace held so far is its text
+            self._run(final=False)
+        if self._state == "after_think":  # held for "\n"s that can no longer come first
+            self._state = "content"
+        state = self._state
+        if state == "start":  # an opening <think>
+            self._buf = ""
+            self._skip_newline = True
+            self._state = "reasoning"
+        elif state == "reasoning" and marker == THINK_CLOSE:
+            self._skip_newline = False
+            self._emit(ReasoningDelta(_drop_last_newline(self._buf)))
+            self._buf = ""
+            self._newlines_left = 2
+            self._state = "after_think"
+        elif state == "content" and marker == TOOL_CALL_OPEN:
+            self._emit(ContentDelta(_drop_last_newline(self._buf)))
+            self._buf = ""
+            self._state = "block"
+        elif state in ("block", "invoke", "param") and marker == TOOL_CALL_CLOSE:
+            self._run(final=True)  # no more text in this block: settle tags and values
+            if self._state == "param":
+                self._fail("unterminated parameter")
+            elif self._state == "invoke":  # tolerate a missing </invoke>
+                self._buf = ""
+                self._end_call()
+            if self._state == "block":
+                self._buf = ""
+                self._state = "content"
+            else:  # the call failed and is content now: so is its closing marker
+                self._text(marker)
         else:
-            keep = 0 if final else _partial_suffix(self._pending, _END_MARKERS)
-            cut = len(self._pending) - keep
-            self._buf += self._pending[:cut]
-            self._pending = self._pending[cut:]
-        self._run(final=final or self._ended)
+            # No structure here (`<minimax:tool_call>` inside the thinking, `</think>` after it):
+            # the marker reads as its spelling, as the M2 format has no other place for it.
+            self._text(marker)
+
+    def _end(self) -> None:
+        """No more input: settle everything and release what was held back."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._state == "start":
+            self._state = self._fallback
+        self._run(final=True)
+        if self._state in ("invoke", "param"):
+            self._fail("unterminated tool call")
+            self._run(final=True)
+        if self._state == "reasoning":
+            self._emit(ReasoningDelta(self._buf))
+        elif self._state == "content":
+            self._emit(ContentDelta(self._buf))
+        self._buf = ""
 
     def _run(self, final: bool) -> None:
+        """Consume the buffer; `final`: no more text comes before the next marker or the end."""
         steps = {"start": self._step_start, "reasoning": self._step_reasoning,
                  "after_think": self._step_after_think, "content": self._step_content,
                  "block": self._step_block, "invoke": self._step_invoke, "param": self._step_param}
         while steps[self._state](final):
             pass
 
-    # Each step consumes from self._buf and returns True if it made progress.
+    # Each step consumes from self._buf and returns True if it made progress. Reasoning and
+    # content hold back one trailing "\n" (the separator before `</think>` / `<minimax:tool_call>`)
+    # until the next piece shows whether it was one.
 
     def _step_start(self, final: bool) -> bool:
-        s = self._buf.lstrip()
-        if s.startswith(THINK_OPEN):
-            self._buf = s[len(THINK_OPEN):]
-            self._skip_newline = True
-            self._state = "reasoning"
-            return True
-        if not final and (not s or THINK_OPEN.startswith(s)):
+        if not self._buf.strip():  # leading whitespace is dropped before an opening <think>
             return False
         self._state = self._fallback
         return True
 
     def _step_reasoning(self, final: bool) -> bool:
         if self._skip_newline:
-            if not self._buf and not final:
+            if not self._buf:
                 return False
             self._skip_newline = False
             if self._buf.startswith("\n"):
                 self._buf = self._buf[1:]
-        i = self._buf.find(THINK_CLOSE)
-        if i >= 0:
-            self._emit(ReasoningDelta(_drop_last_newline(self._buf[:i])))
-            self._buf = self._buf[i + len(THINK_CLOSE):]
-            self._newlines_left = 2
-            self._state = "after_think"
-            return True
-        self._emit(ReasoningDelta(self._release(("\n" + THINK_CLOSE, THINK_CLOSE), final)))
+        self._emit(ReasoningDelta(self._release_all_but_newline()))
         return False
 
     def _step_after_think(self, final: bool) -> bool:
         while self._newlines_left and self._buf.startswith("\n"):
             self._buf = self._buf[1:]
             self._newlines_left -= 1
-        if self._newlines_left and not self._buf and not final:
+        if self._newlines_left and not self._buf:
             return False
         self._state = "content"
         return True
 
     def _step_content(self, final: bool) -> bool:
-        i = self._buf.find(TOOL_CALL_OPEN)
-        if i >= 0:
-            self._emit(ContentDelta(_drop_last_newline(self._buf[:i])))
-            self._buf = self._buf[i + len(TOOL_CALL_OPEN):]
-            self._state = "block"
-            return True
-        self._emit(ContentDelta(self._release(("\n" + TOOL_CALL_OPEN, TOOL_CALL_OPEN), final)))
+        self._emit(ContentDelta(self._release_all_but_newline()))
         return False
 
     def _step_block(self, final: bool) -> bool:
-        s = self._buf.lstrip()
-        if s.startswith(TOOL_CALL_CLOSE):
-            self._buf = s[len(TOOL_CALL_CLOSE):]
-            self._state = "content"
-            return True
+        # whitespace between calls is dropped as it arrives, so it is never given back as content
+        s = self._buf = self._buf.lstrip()
         if s.startswith("<invoke"):
             tag = self._tag(s, final)
             if tag is None:
@@ -505,10 +620,9 @@ class StreamParser:
             self._buf = s[len(tag):]
             self._start_call(name, tag)
             return True
-        if not final and (not s or any(p.startswith(s) for p in ("<invoke", TOOL_CALL_CLOSE))):
+        if not s:
             return False
-        if not s:  # whitespace at the end of an unclosed block
-            self._buf = ""
+        if not final and "<invoke".startswith(s):
             return False
         self._fail("unexpected text in a tool-call block")
         return True
@@ -535,13 +649,8 @@ class StreamParser:
             self._buf = s[len(_INVOKE_CLOSE):]
             self._end_call()
             return True
-        if s.startswith(TOOL_CALL_CLOSE):  # tolerate a missing </invoke>
-            self._buf = s
-            self._end_call()
-            return True
-        prefixes = ("<parameter", _INVOKE_CLOSE, TOOL_CALL_CLOSE)
-        if not s or (not final and any(p.startswith(s) for p in prefixes)):
-            return False  # at finish, `finish` reports the unterminated call
+        if not s or (not final and any(p.startswith(s) for p in ("<parameter", _INVOKE_CLOSE))):
+            return False  # the closing marker or the end settles an invoke left open
         self._fail("unexpected text in an invoke")
         return True
 
@@ -551,10 +660,11 @@ class StreamParser:
             i = buf.find(_PARAM_CLOSE, self._search_from)
             if i < 0:
                 self._search_from = max(0, len(buf) - len(_PARAM_CLOSE) + 1)
-                return False  # at finish, `finish` reports the unterminated call
+                return False  # the closing marker or the end reports the unterminated value
             j = i + len(_PARAM_CLOSE)
             k = _SPACES.match(buf, j).end()  # type: ignore[union-attr]
             after = buf[k: k + _LOOKAHEAD]  # no copy of a long remainder
+            # final and nothing after: the value ends right before the closing marker
             if after.startswith(_AFTER_PARAM) or (final and not after):
                 self._params.append((self._param, buf[:i]))
                 self._raw += buf[:j]
@@ -576,9 +686,9 @@ class StreamParser:
             return None
         return s[:_MAX_TAG]  # fails the tag regex: reported as malformed
 
-    def _release(self, markers: tuple[str, ...], final: bool) -> str:
-        """Consume and return the buffer, keeping back a tail that could begin a marker."""
-        keep = 0 if final else _partial_suffix(self._buf, markers)
+    def _release_all_but_newline(self) -> str:
+        """Consume and return the buffer, keeping back a trailing "\\n" (maybe a separator)."""
+        keep = 1 if self._buf.endswith("\n") else 0
         out = self._buf[: len(self._buf) - keep]
         self._buf = self._buf[len(self._buf) - keep:]
         return out
@@ -637,22 +747,30 @@ def collect(events: Iterable[Event]) -> ParsedMessage:
     return out
 
 
-def parse_assistant(
-    text: str, tools: Sequence[Tool] | None = None, thinking_open: bool = True
-) -> ParsedMessage:
-    """Parse a complete assistant output (text generated after the generation prompt)."""
-    p = StreamParser(tools, thinking_open=thinking_open)
-    return collect(p.feed(text) + p.finish())
-
-
 def parse_ids(
     ids: Sequence[int],
     tokenizer: Tokenizer,
     tools: Sequence[Tool] | None = None,
     thinking_open: bool = True,
 ) -> ParsedMessage:
-    """`parse_assistant` of generated token ids, decoded with special tokens kept."""
-    return parse_assistant(tokenizer.decode(ids, skip_special=False), tools, thinking_open)
+    """Parse generated token ids (after the generation prompt) into a message."""
+    p = StreamParser(tools, thinking_open=thinking_open, tokenizer=tokenizer)
+    return collect(p.feed_ids(ids) + p.finish())
+
+
+def parse_markup(
+    text: str, tools: Sequence[Tool] | None = None, thinking_open: bool = True
+) -> ParsedMessage:
+    """Parse hand-written markup in which EVERY marker spelling is structure (docs, tests).
+
+    Text cannot tell a real marker from one a user or tool typed, so model output must never come
+    here: parse its ids with `parse_ids`.
+    """
+    p = StreamParser(tools, thinking_open=thinking_open)
+    events: list[Event] = []
+    for k, piece in enumerate(_MARKUP_RE.split(text)):
+        events += p.feed_marker(piece) if k % 2 else p.feed_text(piece)
+    return collect(events + p.finish())
 
 
 def _schemas(tools: Sequence[Tool]) -> dict[str, dict[str, Any]]:
@@ -664,17 +782,6 @@ def _schemas(tools: Sequence[Tool]) -> dict[str, dict[str, Any]]:
         props = params.get("properties") if isinstance(params, Mapping) else None
         out[fn["name"]] = dict(props) if isinstance(props, Mapping) else {}
     return out
-
-
-def _partial_suffix(s: str, markers: Iterable[str]) -> int:
-    """Length of the longest tail of `s` that is a proper prefix of one of `markers`."""
-    best = 0
-    for m in markers:
-        for k in range(min(len(s), len(m) - 1), best, -1):
-            if s.endswith(m[:k]):
-                best = k
-                break
-    return best
 
 
 def _drop_last_newline(s: str) -> str:

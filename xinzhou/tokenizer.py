@@ -9,17 +9,28 @@ fixed low ids (0..7, in `SPECIAL_TOKENS` order). `Tokenizer.load` also reads a r
 `encode` never produces a special-token id: text that merely spells `<think>` or `[e~[` is
 encoded as ordinary bytes (prompt-injection rule). Special ids are inserted only by
 `chat_format.py`, which builds sequences from encoded text pieces plus `special_id(...)`.
+(transformers' `PreTrainedTokenizerFast` / `AutoTokenizer` encode the same way when created with
+`split_special_tokens=True` from a file this module saved; by default they match added tokens in
+text.)
+
+`IncrementalDecoder` turns ids into text as they are generated: `token_bytes` gives each id's
+bytes (the inverse of the ByteLevel byte-to-character alphabet), and an incremental UTF-8 decoder
+holds back a character split across tokens, so the pieces joined always equal `decode` of all the
+ids. It needs a byte-level tokenizer (a ByteLevel decoder), as ours and MiniMax's are.
 
     from xinzhou.tokenizer import train_tokenizer, Tokenizer
     tok = train_tokenizer(open("corpus.txt"), vocab_size=8192)
     tok.save("out/")                      # out/tokenizer.json, loadable by transformers
     tok = Tokenizer.load("out/")
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]   # "".join(pieces) == tok.decode(ids)
 
 Tests: `python -m pytest tests/test_tokenizer.py -q`.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -72,6 +83,11 @@ class Tokenizer:
         self._tok = backend
         self._source = source
         self._special_ids = {t: backend.token_to_id(t) for t in present}
+        # What decode(skip_special=True) drops: every added token flagged special, which in a real
+        # MiniMax file includes more than the M2 markers.
+        self._skipped_ids = frozenset(
+            i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        self._bytes: list[bytes] | None = None  # token_bytes table, built on first use
         leaked = {t for t in present if set(self.encode(t)) & set(self._special_ids.values())}
         if leaked:
             raise ValueError(f"{source}: plain text {sorted(leaked)} encodes to a special id")
@@ -116,6 +132,35 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for (b"" for an id the vocabulary skips, as decode does)."""
+        table = self._byte_table()
+        if not 0 <= token_id < len(table):
+            raise ValueError(f"token id {token_id} is outside the vocabulary of {self._source} "
+                             f"(ids 0..{len(table) - 1})")
+        return table[token_id]
+
+    def _byte_table(self) -> list[bytes]:
+        if self._bytes is None:
+            if not isinstance(self._tok.decoder, decoders.ByteLevel):
+                raise ValueError(
+                    f"{self._source}: token bytes need a byte-level BPE (a ByteLevel decoder); "
+                    f"this tokenizer's decoder is {self._tok.decoder!r}")
+            to_byte = _CHAR_TO_BYTE
+            table = [b""] * self.vocab_size
+            for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+                if i >= len(table):
+                    table.extend([b""] * (i + 1 - len(table)))
+                # The ByteLevel decoder's rule, per token: map every character back to its byte,
+                # or, if any character is outside the alphabet (an added token such as "心<x>"),
+                # take the token's own UTF-8 bytes.
+                if all(c in to_byte for c in token):
+                    table[i] = bytes(to_byte[c] for c in token)
+                else:
+                    table[i] = token.encode("utf-8")
+            self._bytes = table
+        return self._bytes
+
     def special_id(self, token: str) -> int:
         if token not in self._special_ids:
             raise KeyError(f"{token!r} is not a special token of {self._source}")
@@ -151,6 +196,61 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self._source!r})"
+
+
+class IncrementalDecoder:
+    """Token ids -> text as they arrive; holds back the bytes of an incomplete UTF-8 character.
+
+    `"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids, skip_special=...)` for any
+    ids, invalid byte sequences included: both replace each maximal invalid subsequence with one
+    U+FFFD (Python's "replace" handler and Rust's `from_utf8_lossy` follow the same Unicode
+    practice). A special id yields its marker text, or nothing when `skip_special`. `flush` ends
+    the sequence; pushing after it starts a new one, whose text `text` keeps appending. Needs a
+    byte-level BPE (a ByteLevel decoder, as ours and MiniMax's files have): ValueError otherwise.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._table = tokenizer._byte_table()  # raises here, not mid-stream, if not byte-level
+        self._skipped = tokenizer._skipped_ids if skip_special else frozenset()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._parts: list[str] = []
+
+    def push(self, token_id: int) -> str:
+        """The text completed by `token_id` ("" while a character is still incomplete)."""
+        if not 0 <= token_id < len(self._table):
+            self._tokenizer.token_bytes(token_id)  # raises the out-of-vocabulary error
+        if token_id in self._skipped:
+            return ""
+        return self._keep(self._utf8.decode(self._table[token_id]))
+
+    def flush(self) -> str:
+        """What is held back, at the end: an incomplete character's bytes become U+FFFD."""
+        return self._keep(self._utf8.decode(b"", final=True))
+
+    @property
+    def text(self) -> str:
+        """Everything `push` and `flush` returned so far."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def _keep(self, piece: str) -> str:
+        if piece:
+            self._parts.append(piece)
+        return piece
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of the GPT-2 ByteLevel alphabet: printable bytes stand for themselves,
+    the others (space, control bytes, ...) are shifted to U+0100 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(shifted)}
+    return {c: b for b, c in chars.items()}
+
+
+_CHAR_TO_BYTE = _byte_level_alphabet()
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
