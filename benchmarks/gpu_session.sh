@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session in one device-tool call: environment, Triton tests, then the four benchmarks.
+# Every GPU measurement in one command: environment, Triton tests on CUDA, then the benchmarks.
 #
-#   device tool: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-#   here, no GPU:  bash benchmarks/gpu_session.sh --smoke        (every step, tiny shapes, on the CPU)
+#   bash benchmarks/gpu_session.sh OUTDIR            on a CUDA machine (about 9 minutes on an H100)
+#   bash benchmarks/gpu_session.sh OUTDIR --smoke    every step with tiny shapes on the CPU (checks the script)
 #
-# Steps, each under its own `timeout`, all inside GPU_SESSION_SECONDS (default 540 s, so the call
-# ends inside the tool's 600 s limit; a step gets what is left if that is less than its budget):
-#   1. install the carried wheels in .whl/ (fla-core + flash-linear-attention) into /tmp/site
+# Steps, each under its own `timeout`, all inside GPU_SESSION_SECONDS (default 540 s; a step gets
+# what is left if that is less than its budget):
+#   1. install the wheels in .whl/ (fla-core + flash-linear-attention, if present) into OUTDIR/site
 #   2. versions, nvidia-smi, `import xinzhou` (the repo root is put on PYTHONPATH; no pip install)
 #   3. the kernel tests on CUDA (XINZHOU_AUTOTUNE=0: one config per kernel)  (budget  80 s)
 #   4. benchmarks/bench_lightning.py $BENCH_LIGHTNING_ARGS                  (budget 180 s)
@@ -14,21 +14,23 @@
 #   6. benchmarks/bench_ops.py (fused norm / loss / SwiGLU vs PyTorch)      (budget  40 s)
 #   7. benchmarks/bench_model.py $BENCH_MODEL_ARGS (default --quick)        (budget 160 s)
 # The *_ARGS variables add arguments (e.g. BENCH_LIGHTNING_ARGS="--seq-lens 8192 32768"); set them
-# before the command: `BENCH_MODEL_ARGS= bash benchmarks/gpu_session.sh` runs bench_model's full plan
-# (more than its budget: give it the time of steps it replaces, e.g. GPU_SESSION_SECONDS).
-# Files under $OUT (the tool brings back at most 8): session.log (steps 1-3, 6 and the summary),
-# bench_{lightning,moe,model}.{log,json} and bench_ops.json: 8 files. Outside the tool, $OUT defaults to out/gpu_session.
-# A step that fails or runs out of time is logged and the next one still runs; the exit status is
-# nonzero if any step failed. The last lines printed are a short summary of every table.
+# before the command: `BENCH_MODEL_ARGS= bash benchmarks/gpu_session.sh OUTDIR` runs bench_model's
+# full plan (more than its budget: give it more time with GPU_SESSION_SECONDS).
+# Files in OUTDIR: session.log (steps 1-3, 6 and the summary), bench_{lightning,moe,model}.{log,json}
+# and bench_ops.json. A step that fails or runs out of time is logged and the next one still runs;
+# the exit status is nonzero if any step failed. The last lines printed summarise every table.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+    echo "usage: bash benchmarks/gpu_session.sh OUTDIR [--smoke]" >&2
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "gpu_session.sh: cannot create $1" >&2; exit 2; }
 SMOKE=0
-[ "${1:-}" = "--smoke" ] && SMOKE=1
-OUT=${OUT:-$PWD/out/gpu_session}
-mkdir -p "$OUT"
+[ "${2:-}" = "--smoke" ] && SMOKE=1
 PY=${PYTHON:-python3}
 TOTAL=${GPU_SESSION_SECONDS:-540}
 BENCH_MODEL_ARGS=${BENCH_MODEL_ARGS---quick}  # set but empty: the full plan
@@ -74,12 +76,12 @@ else
     read -r -a MODEL_ARGS <<<"$BENCH_MODEL_ARGS"
 fi
 
-# 1. carried wheels
+# 1. fla wheels, for machines without network access (see benchmarks/RESULTS.md)
 if compgen -G ".whl/*.whl" >/dev/null; then
-    log "installing carried wheels: $(cd .whl && echo *.whl)"
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    log "installing wheels from .whl/: $(cd .whl && echo *.whl)"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT/site" \
         .whl/*.whl 2>&1 | tee -a "$LOG"; then
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        export PYTHONPATH=$OUT/site${PYTHONPATH:+:$PYTHONPATH}
     else
         log "WARNING: wheel install failed: fla columns will read n/a"
     fi
@@ -135,7 +137,7 @@ step "bench_ops" 40 "$LOG" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}" --out 
 step "bench_model ${MODEL_ARGS[*]}" 160 "$OUT/bench_model.log" \
     "$PY" benchmarks/bench_model.py "${MODEL_ARGS[@]}" --out "$OUT/bench_model.json"
 
-# summary: the tables again, last, so the tool's output tail holds them
+# summary: the tables again, last, so the end of the output holds them
 {
     echo
     echo "=================== summary (${SECONDS}s) ==================="
@@ -150,6 +152,6 @@ step "bench_model ${MODEL_ARGS[*]}" 160 "$OUT/bench_model.log" \
         echo "--- model"
         grep -E '^(logits|peak bf16|train |prefill |decode )' "$OUT/bench_model.log"
     fi
-    echo "files in $OUT: $(cd "$OUT" && echo *)"
+    echo "files in $OUT: $(cd "$OUT" && ls -p | grep -v / | tr '\n' ' ')"
 } 2>&1 | tee -a "$LOG"
 exit "$FAILED"
