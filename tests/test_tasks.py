@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from xinzhou.tasks import (
     FAMILIES, LEVELS, Parsed, Sample, conversation, generate, gold_parsed, pretrain_text, split_of, verify,
 )
+from xinzhou import tasks
 from xinzhou.tasks import arithmetic, countdown, retrieval, tools
 from xinzhou.tasks.common import user_text
 
@@ -64,7 +65,7 @@ def test_levels_generate_their_eval_sets() -> None:
     for lv in LEVELS.values():
         samples = generate(lv.family, "test", lv.n, seed=0, **lv.params)
         assert len(samples) == lv.n and all(s.level == lv.level for s in samples)
-        assert 0 < lv.threshold <= 1 and lv.metric in ("verify", "well_formed_call")
+        assert 0 < lv.threshold <= 1 and lv.metric in ("verify", "tool_task") and lv.reason
 
 
 # --- L1 / L2 / L5: exact answers ---------------------------------------------------------------
@@ -136,6 +137,37 @@ def test_countdown_verifier() -> None:
     for bad in ("(3+5)*5", "(3+6)*4", "(3+5)*4+0", "(3+5)*4*1", "3+5*4", "(3+5)*4=33", "32", "8*4",
                 "(3+5)*4*4/4", "", "(3+5)*", "-(3+5)*4", "(3+5)*4)", "__import__('os')"):
         assert not verify(s, answer_only(bad)), bad
+
+
+def test_countdown_near_misses_fail() -> None:
+    s = Sample(messages=[], target=[], answer="(2*3)*4", level=3, family="countdown",
+               meta={"numbers": [2, 3, 4], "target": 24})
+    assert verify(s, answer_only("(2*3)*4"))
+    near = {"(3+3)*4": "reuses 3 and leaves 2 out", "(4+4)*3": "reuses 4, leaves 2 out", "2*3*4*1": "adds a 1",
+            "6*4": "uses a number not given", "(2+4)*4": "reuses 4, leaves 3 out", "2*3*4=25": "wrong target",
+            "2*12": "combines before using", "(2*3)*4 (2*3)*4": "two answers"}
+    for text, why in near.items():
+        assert not verify(s, answer_only(text)), why
+    # the same multiset matters, not the set: a number given twice must be used twice
+    d = Sample(messages=[], target=[], answer="(3+3)*4", level=3, family="countdown",
+               meta={"numbers": [3, 3, 4], "target": 24})
+    assert verify(d, answer_only("(3+3)*4")) and not verify(d, answer_only("(3+4)*3+3"))
+    assert not verify(d, answer_only("3*(4+4)"))
+
+
+def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
+    from xinzhou.cli import RECIPES
+
+    r = RECIPES["tiny"]
+    train_text = set(tasks.pretrain_text(0, r.pretrain_docs))
+    for family, n in r.sft_mix.items():
+        train = generate(family, "train", n, 0)
+        spec = next(lv for lv in LEVELS.values() if lv.family == family)
+        held_out = generate(family, "test", spec.n, 0, **spec.params)
+        assert {s.meta["key"] for s in train}.isdisjoint(s.meta["key"] for s in held_out), family
+        prompts = {user_text(s) for s in held_out}
+        assert prompts.isdisjoint(user_text(s) for s in train), family
+        assert not any(p in doc for p in prompts for doc in train_text if family != "retrieval"), family
 
 
 def test_evaluate_values_and_errors() -> None:

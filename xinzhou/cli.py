@@ -136,7 +136,8 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     (out_dir / "report.md").write_text(text)
     _log(f"done in {minutes:.1f} min: {out_dir / 'report.md'}")
     for res in results:
-        _log(f"  L{res.level} {res.family:<10} {res.metric:<16} {res.score:6.1%} (threshold {res.threshold:.0%})")
+        _log(f"  L{res.level} {res.family:<10} {res.metric:<10} {res.score:6.1%} (threshold {res.threshold:.0%}, "
+             f"{'reached' if res.passed else 'not reached'})")
     return out_dir
 
 
@@ -179,7 +180,8 @@ def report(ckpt: Path, out_dir: Path, n: int = 200) -> list:
                 + report_markdown(results))
     _write_text(out_dir / "levels.json", json.dumps([dict(level=x.level, family=x.family, metric=x.metric,
                                                           score=x.score, threshold=x.threshold, passed=x.passed,
-                                                          answer_accuracy=x.answer_accuracy, n=x.n)
+                                                          ci95=list(x.ci), answer_accuracy=x.answer_accuracy, n=x.n,
+                                                          details=x.details)
                                                      for x in results], indent=2))
     plot_levels(results, str(out_dir / "levels.png"))
     return results
