@@ -86,14 +86,23 @@ class TrainConfig:
                              "min_lr_ratio in [0, 1]")
 
 
+# ----------------------------------------------------------------------------- pieces every trainer shares
+# (pretraining and SFT here; RL in rl_train.py): schedule, model building and sharding, optimiser,
+# checkpoint save and resume, metrics.
+
+def cosine_lr(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps to `peak`, then cosine decay to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
 
-def run_info(model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+def run_info(model_cfg: ModelConfig, cfg: object) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
@@ -130,28 +139,114 @@ def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dic
     return model.state_dict(), opt.state_dict()
 
 
-def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, model_cfg: ModelConfig,
-                    step: int, loader: PackedLoader) -> None:
+def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, out_dir: Path, model_cfg: ModelConfig,
+                    step: int, state: dict, config: object, tokenizer: str | None = None) -> None:
+    """out_dir/ckpt, atomically: the Hugging Face checkpoint, trainer_state.pt (step, optimiser,
+    RNG states and the trainer's own `state`, e.g. its data position) and the trainer's config."""
     model_sd, opt_sd = _full_state(model, opt)
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return
-    out = Path(cfg.out_dir)
-    with atomic_dir(out / "ckpt", "checkpoint") as tmp:
+    with atomic_dir(Path(out_dir) / "ckpt", "checkpoint") as tmp:
         write_hf(model_sd, model_cfg, tmp)
-        torch.save(dict(step=step, optimizer=opt_sd, distributed=dist.is_initialized(), loader=loader.state_dict(),
-                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())),
-                   tmp / "trainer_state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        if cfg.tokenizer:
-            shutil.copy(Path(cfg.tokenizer), tmp / "tokenizer.json")
+        torch.save(dict(step=step, optimizer=opt_sd, distributed=dist.is_initialized(),
+                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()),
+                        **state), tmp / "trainer_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        if tokenizer:
+            shutil.copy(Path(tokenizer), tmp / "tokenizer.json")
     if dist.is_initialized():
         dist.barrier()
 
 
+def load_trainer_state(ckpt: Path, world: int, keys: tuple[str, ...] = ()) -> dict:
+    """trainer_state.pt of a checkpoint, checked: readable, with the keys resuming needs, saved with
+    the same world size (the optimiser state of 1 rank and of N ranks differ in layout)."""
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        for key in ("step", "optimizer", "rng", "distributed", *keys):
+            state[key]  # noqa: B018 - what resuming reads
+    except Exception as e:  # a damaged or foreign file: torch raises many types
+        raise CheckpointError(f"{ckpt / 'trainer_state.pt'}: unreadable trainer state ({type(e).__name__}: {e}); "
+                              f"remove {ckpt} to start over") from e
+    if state["distributed"] != (world > 1):
+        raise CheckpointError(f"{ckpt}: optimizer state was saved with world_size "
+                              f"{'>1' if state['distributed'] else '1'}; resume with the same")
+    return state
+
+
+def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, world: int) -> int:
+    """Optimiser and RNG states back from load_trainer_state; returns the step to continue from."""
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return int(state["step"])
+
+
+def build_model(model_cfg: ModelConfig | None, source: Path | None, device: torch.device,
+                world: int) -> XinzhouLM:
+    """A fresh model of model_cfg, or the checkpoint at source (checked against model_cfg when both
+    are given; runtime choices such as lm_head_fp32 come from model_cfg); FSDP2-sharded per block
+    when world > 1."""
+    if source is not None:
+        runtime = {} if model_cfg is None else {"lm_head_fp32": model_cfg.lm_head_fp32}
+        model = load_hf(source, device=device, **runtime)
+        if model_cfg is not None:
+            check_compatible(model.config, model_cfg, source)
+    elif model_cfg is not None:
+        model = XinzhouLM(model_cfg).to(device)
+    else:
+        raise ValueError("a trainer needs a model config or a checkpoint to start from")
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not embeddings, norms or biases)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+def start_metrics(path: Path, start: int) -> None:
+    """metrics.jsonl for a run (re)starting at step `start`: rows of later steps (written after the
+    checkpoint it resumes from) are dropped, so every step appears once."""
+    rows = [r for r in _read_metrics(path) if r["step"] < start] if start else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def log_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def prepare_out_dir(out: Path, rank: int) -> Path:
+    """Check, create and recover out/ (rank 0); returns out/ckpt."""
+    ckpt = out / "ckpt"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        recover(ckpt, "checkpoint")  # an interrupted save: restore the last complete checkpoint, drop temporaries
+    if dist.is_initialized():
+        dist.barrier()
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- the loop
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,71 +284,29 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
     if model_cfg is None and not cfg.init_from and not (out / "ckpt").exists():
         raise ValueError("train() needs a model config (e.g. --preset tiny) or an init_from checkpoint")
     PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, 0, 1, cfg.seed)  # bad data fails before anything is written
-    rank, world, device = _setup_distributed()
-    ckpt = out / "ckpt"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        recover(ckpt, "checkpoint")  # an interrupted save: restore the last complete checkpoint, drop temporaries
-    if dist.is_initialized():
-        dist.barrier()
+    rank, world, device = setup_distributed()
+    ckpt = prepare_out_dir(out, rank)
     torch.manual_seed(cfg.seed)
 
     resume = (ckpt / "trainer_state.pt").exists()
     source = ckpt if resume else (Path(cfg.init_from) if cfg.init_from else None)
-    if source is not None:
-        runtime = {} if model_cfg is None else {"lm_head_fp32": model_cfg.lm_head_fp32}
-        model = load_hf(source, device=device, **runtime)
-        if model_cfg is not None:
-            check_compatible(model.config, model_cfg, source)
-    elif model_cfg is not None:
-        model = XinzhouLM(model_cfg).to(device)
-    else:
-        raise ValueError("train() needs a model config or an init_from checkpoint")
+    model = build_model(model_cfg, source, device, world)
     model_cfg = model.config
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     loader = PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, rank, world, cfg.seed)
     if loader.meta["vocab_size"] > model_cfg.vocab_size:
         raise DataError(f"{cfg.data}: tokens up to {loader.meta['vocab_size']} but the model's vocab is "
                          f"{model_cfg.vocab_size}")
     start = 0
     if resume:
-        try:
-            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-            state["step"], state["optimizer"], state["loader"], state["rng"]  # noqa: B018 - the keys resume reads
-        except Exception as e:  # a damaged or foreign file: torch raises many types
-            raise CheckpointError(f"{ckpt / 'trainer_state.pt'}: unreadable trainer state ({type(e).__name__}: {e}); "
-                                  f"remove {ckpt} to start over") from e
-        if state["distributed"] != (world > 1):
-            raise CheckpointError(f"{ckpt}: optimizer state was saved with world_size "
-                                  f"{'>1' if state['distributed'] else '1'}; resume with the same")
-        if world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
+        state = load_trainer_state(ckpt, world, keys=("loader",))
+        start = restore(model, opt, state, world)
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        start = state["step"]
 
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run_info(model_cfg, cfg), indent=2, default=str))
-        rows = [r for r in _read_metrics(metrics_path) if r["step"] < start] if start else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop steps after the checkpoint
+        start_metrics(metrics_path, start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = None
     if rank == 0 and cfg.progress:
@@ -305,18 +358,17 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
             row = dict(step=step, loss=ce_mean + model_cfg.router_aux_loss_coef * aux_mean, ce=ce_mean, aux=aux_mean,
                        lr=lr, grad_norm=grad_norm, tokens=int(n_global),
                        tok_per_s=tokens_seen / max(time.time() - t0, 1e-9))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            log_metrics(metrics_path, row)
             if bar is not None:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     bar.set_postfix(loss=f"{ce_mean:.4f}", lr=f"{lr:.2e}", refresh=False)
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(model, opt, cfg, model_cfg, step + 1, loader)
+            save_checkpoint(model, opt, out, model_cfg, step + 1, {"loader": loader.state_dict()}, cfg, cfg.tokenizer)
     if bar is not None:
         bar.close()
     if start < cfg.steps or not resume:
-        save_checkpoint(model, opt, cfg, model_cfg, cfg.steps, loader)
+        save_checkpoint(model, opt, out, model_cfg, cfg.steps, {"loader": loader.state_dict()}, cfg, cfg.tokenizer)
     if rank == 0:
         plot_metrics(metrics_path, out / "loss.png", title=out.name)
     if dist.is_initialized():
