@@ -5,6 +5,8 @@
     xinzhou eval runs/speedrun/sft/ckpt   # capability report of any checkpoint with a tokenizer.json
     xinzhou data corpus/ --tokenizer runs/speedrun/tokenizer/tokenizer.json --out data/mine
                                           # user files (txt, jsonl, parquet) -> shards for xinzhou.train
+    xinzhou rl --model runs/speedrun/sft/ckpt --task countdown --loss cispo --out runs/rl
+                                          # RL on a task family's verifier (CISPO, DAPO or GRPO)
 
 A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
 loss.png and ckpt/), report.md and levels.png. The final checkpoint is sft/ckpt: a Hugging Face
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from xinzhou import tasks
+from xinzhou import rl_train, tasks
 from xinzhou.chat_format import render_text
 from xinzhou.config import ModelConfig, preset
 from xinzhou.data import read_corpus, tokenize_docs, write_shards
@@ -231,7 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder with one)")
     d.add_argument("--out", required=True)
     d.add_argument("--paragraphs", action="store_true", help=".txt: one document per blank-line-separated paragraph")
+    r = sub.add_parser("rl", parents=[common], help="RL (CISPO, DAPO, GRPO) on a task family's verifier")
+    rl_train.add_arguments(r)
     args = p.parse_args(argv)
+    if args.cmd == "rl":
+        try:
+            rl_cfg = rl_train.config_from_args(args)
+        except ValueError as e:
+            r.error(str(e))
+        with cli_errors(args.debug):
+            rl_train.rl_train(rl_cfg)
+        return
     with cli_errors(args.debug):
         _run(args)
 

@@ -189,12 +189,13 @@ def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, wor
 
 
 def build_model(model_cfg: ModelConfig | None, source: Path | None, device: torch.device,
-                world: int) -> XinzhouLM:
+                world: int, **runtime: object) -> XinzhouLM:
     """A fresh model of model_cfg, or the checkpoint at source (checked against model_cfg when both
-    are given; runtime choices such as lm_head_fp32 come from model_cfg); FSDP2-sharded per block
-    when world > 1."""
+    are given; runtime choices such as lm_head_fp32 come from model_cfg, or from `runtime` when
+    there is none); FSDP2-sharded per block when world > 1."""
     if source is not None:
-        runtime = {} if model_cfg is None else {"lm_head_fp32": model_cfg.lm_head_fp32}
+        if model_cfg is not None:
+            runtime = {"lm_head_fp32": model_cfg.lm_head_fp32}
         model = load_hf(source, device=device, **runtime)
         if model_cfg is not None:
             check_compatible(model.config, model_cfg, source)
