@@ -79,6 +79,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xinzhou.schema import function_of, properties_by_tool, value_from_text
 from xinzhou.tokenizer import (
     BOS,
     EOS,
@@ -182,7 +183,7 @@ def _pieces(
     special(BOS)
     special(ROLE)
     if tools:
-        listed = "".join(f"<tool>{json.dumps(_function(t, i), ensure_ascii=False)}</tool>\n"
+        listed = "".join(f"<tool>{json.dumps(function_of(t, i), ensure_ascii=False)}</tool>\n"
                          for i, t in enumerate(tools))
         text("system\n" + system + _TOOLS_INTRO + listed + _TOOLS_OUTRO)
         special(TOOL_CALL_OPEN)
@@ -292,14 +293,6 @@ def _reasoning_and_content(m: Message, where: str) -> tuple[str, str]:
     return "", content
 
 
-def _function(tool: Tool, i: int) -> Mapping[str, Any]:
-    fn = tool.get("function", tool)
-    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-        raise ValueError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ...}}}}"
-                         f", got {tool!r}")
-    return fn
-
-
 def _invoke(call: Mapping[str, Any], where: str) -> str:
     fn = call.get("function", call)
     name = fn.get("name") if isinstance(fn, Mapping) else None
@@ -405,7 +398,7 @@ class StreamParser:
 
     def __init__(self, tools: Sequence[Tool] | None = None, thinking_open: bool = True,
                  tokenizer: Tokenizer | None = None) -> None:
-        self._schemas = None if tools is None else _schemas(tools)
+        self._schemas = None if tools is None else properties_by_tool(tools)
         self._fallback = "reasoning" if thinking_open else "content"
         self._decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         # special id -> its spelling: the only ids that are structure
@@ -711,7 +704,7 @@ class StreamParser:
             self._emit(ContentDelta(self._raw))
             return
         props = (self._schemas or {}).get(self._call_name, {})
-        args = {k: _convert(v, props.get(k) if self._schemas is not None else None)
+        args = {k: value_from_text(v, props.get(k) if self._schemas is not None else None)
                 for k, v in self._params}
         c = self._call
         self._emit(ToolCallEnd(c.index, c.id, c.name, args))
@@ -773,87 +766,5 @@ def parse_markup(
     return collect(events + p.finish())
 
 
-def _schemas(tools: Sequence[Tool]) -> dict[str, dict[str, Any]]:
-    """Tool name -> JSON-schema properties of its parameters."""
-    out: dict[str, dict[str, Any]] = {}
-    for i, t in enumerate(tools):
-        fn = _function(t, i)
-        params = fn.get("parameters")
-        props = params.get("properties") if isinstance(params, Mapping) else None
-        out[fn["name"]] = dict(props) if isinstance(props, Mapping) else {}
-    return out
-
-
 def _drop_last_newline(s: str) -> str:
     return s[:-1] if s.endswith("\n") else s
-
-
-_NOT_JSON = object()
-
-
-def _json(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except ValueError:
-        return _NOT_JSON
-
-
-def _convert(raw: str, schema: Any) -> Any:
-    """A parameter's text back to a value: strip one newline each side, then apply `schema`."""
-    v = raw[1:] if raw.startswith("\n") else raw
-    v = _drop_last_newline(v)
-    if schema is None:
-        return v
-    ok, value = _coerce(v, schema)
-    if ok:
-        return value
-    j = _json(v)  # the model ignored the schema: keep what it wrote, typed if it is JSON
-    return v if j is _NOT_JSON else j
-
-
-def _is_string_schema(schema: Any) -> bool:
-    return isinstance(schema, Mapping) and schema.get("type") == "string"
-
-
-def _coerce(v: str, schema: Any) -> tuple[bool, Any]:
-    if not isinstance(schema, Mapping):
-        return False, None
-    options = schema.get("anyOf") or schema.get("oneOf")
-    if isinstance(options, list):
-        # strings last: "3" is the integer 3 when the schema allows both
-        for option in sorted(options, key=_is_string_schema):
-            ok, value = _coerce(v, option)
-            if ok:
-                return True, value
-        return False, None
-    enum = schema.get("enum")
-    if isinstance(enum, list):
-        if v in enum:
-            return True, v
-        j = _json(v)
-        return (True, j) if any(j == e and type(j) is type(e) for e in enum) else (False, None)
-    types = schema.get("type")
-    if types is None:
-        types = "object" if "properties" in schema else "array" if "items" in schema else None
-    if types is None:  # an unconstrained schema: JSON if it parses, else the text
-        j = _json(v)
-        return True, (v if j is _NOT_JSON else j)
-    for t in sorted(types if isinstance(types, list) else [types], key=lambda t: t == "string"):
-        if t == "string":
-            return True, v
-        if t == "boolean" and v.strip().lower() in ("true", "false"):
-            return True, v.strip().lower() == "true"
-        j = _json(v)
-        if t == "null" and j is None:
-            return True, None
-        if t == "integer" and isinstance(j, int) and not isinstance(j, bool):
-            return True, j
-        if t == "integer" and isinstance(j, float) and j.is_integer():
-            return True, int(j)
-        if t == "number" and isinstance(j, (int, float)) and not isinstance(j, bool):
-            return True, j
-        if t == "object" and isinstance(j, dict):
-            return True, j
-        if t == "array" and isinstance(j, list):
-            return True, j
-    return False, None

@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 
+from xinzhou.schema import argument_error
 from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw
 
 FAMILY = "tools"
@@ -60,40 +61,6 @@ TOOLS: list[dict] = [
         },
     },
 ]
-
-_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
-    "string": str, "integer": int, "number": (int, float), "boolean": bool,
-    "object": dict, "array": list, "null": type(None),
-}
-
-
-def argument_error(arguments: object, parameters: dict) -> str | None:
-    """Why `arguments` do not match the object schema `parameters`, or None when they do.
-
-    Checks required keys, unknown keys, each value's JSON type (a bool is not an integer) and enums.
-    """
-    if not isinstance(arguments, dict):
-        return f"arguments must be an object, got {type(arguments).__name__}"
-    props = parameters.get("properties", {})
-    missing = [k for k in parameters.get("required", []) if k not in arguments]
-    if missing:
-        return f"missing required argument(s) {missing}"
-    for key, value in arguments.items():
-        if key not in props:
-            return f"unknown argument {key!r}; expected one of {list(props)}"
-        spec = props[key]
-        want = spec.get("type")
-        if want is not None:
-            types = [want] if isinstance(want, str) else list(want)
-            if not any(
-                isinstance(value, _JSON_TYPES[t]) and not (isinstance(value, bool) and t in ("integer", "number"))
-                for t in types if t in _JSON_TYPES
-            ):
-                return f"argument {key!r} must be {want}, got {type(value).__name__} {value!r}"
-        if "enum" in spec and value not in spec["enum"]:
-            return f"argument {key!r} must be one of {spec['enum']}, got {value!r}"
-    return None
-
 
 def _function(call: object) -> dict:
     fn = call.get("function") if isinstance(call, dict) else None
