@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 
+from xinzhou.agent.tools import GetPrice, TaskCalculator, Tool
 from xinzhou.schema import argument_error
 from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw
 
@@ -31,36 +32,11 @@ ITEMS = (
 ).split()
 PRICES = {item: 1 + int.from_bytes(hashlib.sha256(item.encode()).digest()[:4], "big") % 20 for item in ITEMS}
 
-TOOLS: list[dict] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "calculator",
-            "description": "Compute a op b.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "a": {"type": "integer"},
-                    "op": {"type": "string", "enum": ["+", "-", "*"]},
-                    "b": {"type": "integer"},
-                },
-                "required": ["a", "op", "b"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_price",
-            "description": "Total price of a quantity of an item.",
-            "parameters": {
-                "type": "object",
-                "properties": {"item": {"type": "string"}, "quantity": {"type": "integer"}},
-                "required": ["item", "quantity"],
-            },
-        },
-    },
-]
+# The tools themselves are the agent's classes (xinzhou.agent.tools), so the evals and the agent
+# run the same code; these are their definitions as the model sees them.
+_IMPLEMENTATIONS: dict[str, Tool] = {t.name: t for t in (TaskCalculator(), GetPrice(PRICES))}
+TOOLS: list[dict] = [t.spec() for t in _IMPLEMENTATIONS.values()]
+
 
 def _function(call: object) -> dict:
     fn = call.get("function") if isinstance(call, dict) else None
@@ -79,23 +55,10 @@ def _arguments(call: object) -> object:
 
 def execute(name: str, arguments: object, tools: list[dict] | None = None) -> str:
     """Run one tool call and return its result as text; a bad call returns "error: ..."."""
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools or TOOLS}
-    if name not in schemas:
-        return f"error: unknown tool {name!r}; available: {list(schemas)}"
-    if (err := argument_error(arguments, schemas[name])) is not None:
-        return f"error: {err}"
-    assert isinstance(arguments, dict)
-    if name == "calculator":
-        a, op, b = arguments["a"], arguments["op"], arguments["b"]
-        if max(abs(a), abs(b)) >= 10**12:  # keeps results small: this is a demo calculator
-            return "error: operands must be below 10**12"
-        return str(a + b if op == "+" else a - b if op == "-" else a * b)
-    if name == "get_price":
-        item = arguments["item"].strip().lower()
-        if item not in PRICES:
-            return f"error: unknown item {arguments['item']!r}"
-        return str(PRICES[item] * arguments["quantity"])
-    return f"error: tool {name!r} has no implementation"
+    offered = [t["function"]["name"] for t in tools or TOOLS]
+    if name not in offered or name not in _IMPLEMENTATIONS:
+        return f"error: unknown tool {name!r}; available: {offered}"
+    return _IMPLEMENTATIONS[name](arguments).content
 
 
 def generate(
