@@ -97,3 +97,31 @@ def test_bad_inputs_are_named():
         lightning_attention(q, k, v, slopes, cu_seqlens=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="backend"):
         lightning_attention(q, k, v, slopes, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_varlen_groups_equal_lengths_exactly(with_state):
+    # equal lengths run as one batch (a decode step of many sequences is one batched step); empty
+    # sequences keep their initial state; outputs and gradients equal the sequence-by-sequence form
+    lens = [1, 1, 3, 1, 3, 0, 7, 1]
+    H, D = 2, 4
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, sum(lens), H, D, generator=g, requires_grad=True) for _ in range(3))
+    slopes = torch.tensor([0.4, 0.02])
+    s0 = torch.randn(len(lens), H, D, D, generator=g) if with_state else None
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    o, s = lightning_attention(q, k, v, slopes, s0, output_final_state=True, cu_seqlens=cu, backend="reference")
+    do = torch.randn(o.shape, generator=g)
+    grads = torch.autograd.grad((o * do).sum() + s.sum(), (q, k, v))
+    outs, states = [], []
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        init = s0[i:i + 1] if with_state else torch.zeros(1, H, D, D)
+        o_i, s_i = lightning_naive(q[:, a:b], k[:, a:b], v[:, a:b], slopes, init)
+        outs.append(o_i)
+        states.append(s_i)
+    o_ref, s_ref = torch.cat(outs, 1), torch.cat(states)
+    assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+    assert torch.equal(s[5], s0[5] if with_state else torch.zeros(H, D, D))  # the empty sequence
+    ref_grads = torch.autograd.grad((o_ref * do).sum() + s_ref.sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert rel(a, b) < 1e-5

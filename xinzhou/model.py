@@ -4,10 +4,11 @@
     model = XinzhouLM(preset("tiny"))
     logits = model(input_ids)                       # [B, T, V] float32
     loss = model(input_ids, targets)                # cross-entropy (+ coef * balance loss)
-    cache = HybridCache(model.config, batch_size=B) # then model(chunk, cache=cache) decodes
+    logits = model(packed, cu_seqlens=cu)           # [1, total] packed sequences, each on its own
+    cache = HybridCache(model.config, num_slots=B)  # then model(chunk, cache=cache) continues row b in slot b
 
 Shape legend: B batch, T new tokens, S keys (cached + new), C hidden, H query heads,
-KV key/value heads, D head dim, E experts, V vocab.
+KV key/value heads, D head dim, E experts, V vocab; packed: N sequences, Tm the longest.
 No I/O, no parallelism, no checkpoint names here (hf.py maps names).
 """
 
@@ -19,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xinzhou.cache import HybridCache
+from xinzhou.cache import HybridCache, Packing
 from xinzhou.config import ModelConfig
 from xinzhou.ops import moe as moe_ops
 from xinzhou.ops.cross_entropy import cross_entropy
-from xinzhou.ops.lightning import lightning_attention, lightning_decode
-from xinzhou.ops.lightning_ref import lightning_step
+from xinzhou.ops.lightning import lightning_attention
+from xinzhou.ops.lightning_ref import check_cu_seqlens
 from xinzhou.ops.norm import rms_norm
 
 
@@ -95,38 +96,21 @@ class LightningAttention(nn.Module):
         return self._slopes[device]
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None,
-                cache: HybridCache | None) -> torch.Tensor:
+                packing: Packing | None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = F.silu(self.qkv_proj(x))  # [B, T, 3 * H * D]
-        if token_mask is not None:
-            qkv = qkv * token_mask[:, :, None].to(qkv.dtype)  # padding adds nothing to the state
+        if token_mask is not None:  # left padding comes first: zeros add nothing to a zero state
+            qkv = qkv * token_mask[:, :, None].to(qkv.dtype)
         q, k, v = qkv.view(B, T, self.H, 3 * self.D).split(self.D, dim=-1)  # [B, T, H, D] each
         slopes = self.slopes(x.device)
-        if cache is None:
+        if packing is None:
             o, _ = lightning_attention(q, k, v, slopes, block_size=self.block_size)
-        elif T == 1:
-            state = cache.state[self.layer]
-            if token_mask is None:
-                o = lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state)[:, None]
-            else:  # a padded step must leave the slot's state untouched (no decay either)
-                o, new = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, state)
-                state.copy_(torch.where(token_mask[:, 0, None, None, None], new, state))
-                o = o[:, None]
-        elif token_mask is None or bool(token_mask.all()):
-            o, cache.state[self.layer] = lightning_attention(
-                q, k, v, slopes, initial_state=cache.state[self.layer], output_final_state=True,
+        else:  # B = 1 packed: each sequence continues from its own state (its slot's, or zero)
+            o, state = lightning_attention(
+                q, k, v, slopes, initial_state=packing.lightning_state(self.layer),
+                output_final_state=packing.cache is not None, cu_seqlens=packing.cu_seqlens,
                 block_size=self.block_size)
-        else:  # padded chunk: run each slot on its real (left-padded) tokens, so padding never decays a state
-            state = cache.state[self.layer]
-            o = torch.zeros_like(v)
-            for b, n in enumerate(token_mask.sum(1).tolist()):
-                if n == 0:
-                    continue
-                if not bool(token_mask[b, T - n:].all()):
-                    raise ValueError(f"attention_mask row {b}: padding must be on the left (before every token)")
-                o[b:b + 1, T - n:], state[b:b + 1] = lightning_attention(
-                    q[b:b + 1, T - n:], k[b:b + 1, T - n:], v[b:b + 1, T - n:], slopes,
-                    initial_state=state[b:b + 1], output_final_state=True, block_size=self.block_size)
+            packing.store_lightning_state(self.layer, state)
         o = self.norm(o.reshape(B, T, self.H * self.D))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * o)
 
@@ -146,19 +130,25 @@ class SoftmaxAttention(nn.Module):
         self.k_norm = RMSNorm(self.KV * self.D, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: HybridCache | None) -> torch.Tensor:
+                packing: Packing | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:  # over the whole projection, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.view(B, T, self.H, self.D), cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k = apply_rope(k.view(B, T, self.KV, self.D), cos, sin).transpose(1, 2)  # [B, KV, T, D]
-        v = v.view(B, T, self.KV, self.D).transpose(1, 2)  # [B, KV, T, D]
-        if cache is not None:
-            k, v = cache.write_kv(self.layer, k, v)  # [B, KV, S, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.KV != self.H)  # [B, H, T, D]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.D))
+        q = apply_rope(q.view(B, T, self.H, self.D), cos, sin)  # [B, T, H, D]
+        k = apply_rope(k.view(B, T, self.KV, self.D), cos, sin)  # [B, T, KV, D]
+        v = v.view(B, T, self.KV, self.D)  # [B, T, KV, D]
+        gqa = self.KV != self.H
+        if packing is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa).transpose(1, 2)  # [B, T, H, D]
+        else:  # B = 1 packed: each sequence on its own row of a padded [N, Tm] view, cached keys first
+            k, v = packing.keys_values(self.layer, k, v)  # [N, KV, S, D]
+            o = F.scaled_dot_product_attention(packing.pad(q).transpose(1, 2), k, v, attn_mask=packing.mask,
+                                               enable_gqa=gqa)  # [N, H, Tm, D]
+            o = packing.unpad(o.transpose(1, 2))  # [1, total, H, D]
+        return self.o_proj(o.reshape(B, T, self.H * self.D))
 
 
 class MoE(nn.Module):
@@ -217,9 +207,9 @@ class Block(nn.Module):
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                token_mask: torch.Tensor | None, cache: HybridCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+                token_mask: torch.Tensor | None, packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
-        a = self.attn(h, token_mask, cache) if self.kind == "lightning" else self.attn(h, cos, sin, mask, cache)
+        a = self.attn(h, token_mask, packing) if self.kind == "lightning" else self.attn(h, cos, sin, mask, packing)
         if self.prenorm:  # M2: x + Attn(LN(x)), x + MoE(LN(x))
             x = x + a
             m, stats = self.moe(self.mlp_norm(x), token_mask)
@@ -236,19 +226,37 @@ def _scaled_sum(x: torch.Tensor, alpha: float, y: torch.Tensor, beta: float) -> 
     return torch.add(x if alpha == 1.0 else alpha * x, y, alpha=beta)
 
 
-def attention_mask_for(token_mask: torch.Tensor | None, cache: HybridCache | None, T: int,
-                       device: torch.device) -> torch.Tensor | None:
-    """Boolean SDPA mask [B, 1, T, S] (True = attend), or None for the plain causal fast path.
-    A query always sees itself, so padded rows stay finite."""
-    start = 0 if cache is None else cache.length
-    if token_mask is None and start == 0:
+def padding_mask(token_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean SDPA mask [B, 1, T, T] (True = attend) for a left-padded batch, or None for the plain
+    causal fast path. A query always sees itself, so padded rows stay finite."""
+    if token_mask is None:
         return None
-    S = start + T
-    q_pos = start + torch.arange(T, device=device)
-    k_pos = torch.arange(S, device=device)
-    causal = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-    valid = cache.valid[:, :S] if cache is not None else token_mask.bool()  # [B, S]
-    return ((causal[None] & valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])[None])[:, None]
+    pos = torch.arange(T, device=device)
+    causal = pos[None, :] <= pos[:, None]  # [T, T]
+    return ((causal[None] & token_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)[None])[:, None]
+
+
+def packing_for(B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                cache: HybridCache | None, slots: list[int] | None) -> Packing | None:
+    """The layout of a packed or cached forward (None for a plain batch): packed sequences from
+    cu_seqlens, or each row of a cached batch as one sequence; with a cache, the cache hands out
+    the positions, masks and states of the slots written."""
+    if slots is not None and cache is None:
+        raise ValueError("slots name cache slots: pass cache= too")
+    if cache is None and cu_seqlens is None:
+        return None
+    if attention_mask is not None or position_ids is not None:
+        raise ValueError("attention_mask and position_ids are for a plain uncached batch: a packed or cached "
+                         "forward takes positions from cu_seqlens and the cache (pack sequences instead of padding)")
+    if cu_seqlens is not None:
+        bounds = check_cu_seqlens(cu_seqlens, B, T)
+        seqlens = [b - a for a, b in zip(bounds, bounds[1:])]
+    else:
+        seqlens = [T] * B
+    if cache is None:
+        return Packing.of(seqlens, device)
+    return cache.begin(list(range(len(seqlens))) if slots is None else list(slots), seqlens)
 
 
 class XinzhouLM(nn.Module):
@@ -281,39 +289,47 @@ class XinzhouLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: HybridCache | None = None, return_parts: bool = False, last_logits_only: bool = False
+                cu_seqlens: torch.Tensor | None = None, cache: HybridCache | None = None,
+                slots: list[int] | None = None, return_parts: bool = False, last_logits_only: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = left padding); position_ids [B, T].
-        Without targets: float32 logits [B, T, V] ([B, 1, V] with last_logits_only). With targets
-        [B, T] (-100 = ignore): the loss CE + router_aux_loss_coef * balance loss, or (loss, ce, aux)
-        with return_parts."""
+        """input_ids [B, T] in one of three layouts:
+        - a plain batch, causal per row: attention_mask [B, T] (1 = token, 0 = left padding) and
+          position_ids [B, T] are optional;
+        - packed: B = 1 and cu_seqlens [N + 1] = [0, len_0, len_0 + len_1, ..., T] (int32/int64): N
+          independent sequences, positions restarting at 0 in each;
+        - with a cache: row b (or packed sequence b) continues cache slot slots[b] (default b).
+        Without targets: float32 logits [B, T, V]; last_logits_only: [B, 1, V], or [1, N, V] for
+        packed input (each sequence's last token). With targets [B, T] (-100 = ignore): the loss
+        CE + router_aux_loss_coef * balance loss, or (loss, ce, aux) with return_parts."""
         cfg = self.config
         B, T = input_ids.shape
+        packing = packing_for(B, T, input_ids.device, attention_mask, position_ids, cu_seqlens, cache, slots)
         token_mask = None if attention_mask is None else attention_mask.bool()
-        if position_ids is None:
-            base = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device) if cache is None else cache.pos[:, None]
-            if token_mask is None:
-                position_ids = base + torch.arange(T, device=input_ids.device)
-            else:
-                position_ids = base + (token_mask.long().cumsum(1) - 1).clamp(min=0)
-        if cache is not None:
-            cache.reserve(T)
-            cache.valid[:, cache.length:cache.length + T] = True if token_mask is None else token_mask
-        mask = attention_mask_for(token_mask, cache, T, input_ids.device)
+        if packing is not None:
+            position_ids = packing.position_ids  # [1, B * T]
+            input_ids = input_ids.reshape(1, B * T)  # rows of a cached batch are packed sequences
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+            if token_mask is not None:
+                position_ids = (token_mask.long().cumsum(1) - 1).clamp(min=0)
+        mask = padding_mask(token_mask, T, input_ids.device)
 
-        x = self.embed(input_ids)  # [B, T, C]
+        x = self.embed(input_ids)  # [B, T, C] ([1, B * T, C] packed)
         cos, sin = rope_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, x.dtype)
         stats = []
         for block in self.layers:
-            x, s = block(x, cos, sin, mask, token_mask, cache)
+            x, s = block(x, cos, sin, mask, token_mask, packing)
             stats.append(s)
         x = self.norm(x)
         if cache is not None:
-            cache.length += T
-            cache.pos += T if token_mask is None else token_mask.long().sum(1)
+            cache.end(packing)
 
-        if last_logits_only:  # prefill: only the next token's distribution is needed
-            x = x[:, -1:]
+        if cu_seqlens is not None and last_logits_only:  # prefill: each sequence's next-token distribution
+            x = x[:, packing.last_index]  # [1, N, C]
+        else:
+            x = x.view(B, T, -1)  # [B, T, C]
+            if last_logits_only:
+                x = x[:, -1:]
         w = self.head_weight()
         if cfg.lm_head_fp32:  # outside autocast, or it would run in bf16 anyway
             with torch.autocast(x.device.type, enabled=False):

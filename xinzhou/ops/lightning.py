@@ -5,7 +5,8 @@
 
 q, k, v: [B, T, H, D]; slopes: [H] (decay per step exp(-slope)); states: [N, H, D, D] fp32 with
 N = B, or N = number of sequences when `cu_seqlens` packs variable-length sequences into B = 1
-(FlashAttention style: cu_seqlens = [0, len_0, len_0 + len_1, ...], int32/int64).
+(FlashAttention style: cu_seqlens = [0, len_0, len_0 + len_1, ...], int32/int64). The reference runs
+packed sequences of equal length as one batch (a decode step: one batched step for all).
 backend: "reference" (pure PyTorch, ops/lightning_ref.py), "triton" (ops/lightning_triton.py; on CPU
 tensors only under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors when triton imports and
 XINZHOU_TRITON is not 0, else reference). Triton is imported on first use, so CPU-only callers never load it.
@@ -44,13 +45,45 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     n = len(bounds) - 1
     if initial_state is not None and initial_state.shape[0] != n:
         raise ValueError(f"initial_state has {initial_state.shape[0]} states for {n} sequences")
-    outs, states = [], []
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        s0 = initial_state[i:i + 1] if initial_state is not None else None
-        o, s = lightning_blockwise(q[:, a:b], k[:, a:b], v[:, a:b], slopes, s0, block_size)
-        outs.append(o)
-        states.append(s)
-    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+    return _varlen_reference(q, k, v, slopes, initial_state, output_final_state, bounds, block_size)
+
+
+def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                      initial_state: torch.Tensor | None, output_final_state: bool, bounds: list[int],
+                      block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Packed sequences, grouped by length: sequences of equal length run as one batch (a decode
+    step of N sequences is one batched `lightning_step`, not N calls)."""
+    _, T, H, D = q.shape
+    Dv = v.shape[-1]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    o = q.new_zeros(T, H, Dv) if len(groups) > 1 else None
+    states = (initial_state.float().clone() if initial_state is not None
+              else q.new_zeros(len(lengths), H, D, Dv, dtype=torch.float32))
+    for n, seqs in groups.items():
+        if n == 0:  # an empty sequence keeps its initial state
+            continue
+        rows = torch.cat([torch.arange(bounds[i], bounds[i] + n) for i in seqs]).to(q.device)  # [G * n]
+        qg, kg, vg = (x[0, rows].view(len(seqs), n, H, -1) for x in (q, k, v))  # [G, n, H, D]
+        s0 = initial_state[seqs] if initial_state is not None else None
+        if n == 1:
+            if s0 is None:
+                s0 = q.new_zeros(len(seqs), H, D, Dv, dtype=torch.float32)
+            og, sg = lightning_step(qg[:, 0], kg[:, 0], vg[:, 0], slopes, s0)
+            og = og[:, None]
+        else:
+            og, sg = lightning_blockwise(qg, kg, vg, slopes, s0, block_size)
+        if o is None:  # one group: the packed order is the group's order
+            o = og.reshape(T, H, Dv)
+        else:
+            o = o.index_put((rows,), og.reshape(-1, H, Dv))
+        if output_final_state:
+            states = states.index_put((torch.tensor(seqs, device=q.device),), sg)
+    if o is None:  # no tokens at all
+        o = q.new_zeros(T, H, Dv)
+    return o[None], (states if output_final_state else None)
 
 
 def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
