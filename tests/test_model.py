@@ -225,7 +225,7 @@ def test_loss_is_cross_entropy_plus_balance_and_trains():
     ce_ref = torch.nn.functional.cross_entropy(logits.view(-1, V), y.view(-1), ignore_index=-100)
     assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
     assert loss.item() == pytest.approx(ce.item() + 0.01 * aux.item(), rel=1e-6)
-    assert 0.9 < aux.item() < float(cfg.num_experts)  # 1.0 when perfectly balanced
+    assert 1.8 < aux.item() < float(cfg.num_experts)  # experts_per_token (2) when perfectly balanced
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -298,3 +298,31 @@ def test_real_shapes_on_meta_device():
     small = preset("small")
     assert small.num_params() / 1e6 == pytest.approx(306.8, abs=0.1)
     assert math.isclose(preset("tiny").mlp_alpha, 8 ** 0.25)
+
+
+@pytest.mark.parametrize("i", [0, 2])
+def test_training_loss_and_gradients_match_transformers(i, tmp_path):
+    # the same load-balancing loss (MiniMax's / Mixtral's formula, with the same coefficient) and
+    # a pad row that gets no gradient, as the original's padding_idx
+    hf = hf_minimax(*HYBRID_CASES[i], seed=i)
+    hf.config.router_aux_loss_coef = hf.router_aux_loss_coef = 0.05  # the model keeps its own copy
+    hf.config.pad_token_id = 3
+    hf.model.embed_tokens.padding_idx = 3
+    hf.train()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).train()
+    assert ours.config.pad_token_id == 3 and ours.config.router_aux_loss_coef == 0.05
+    x = torch.randint(0, V, (2, 19), generator=torch.Generator().manual_seed(5))
+    x[0, 4] = 3  # the pad token appears as an input
+    out = hf(input_ids=x, labels=x, output_router_logits=True)
+    y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], 1)  # transformers shifts the labels itself
+    loss, ce, aux = ours(x, y, return_parts=True)
+    assert aux.item() == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    out.loss.backward()
+    loss.backward()
+    ref = dict(hf.named_parameters())
+    assert ours.embed.weight.grad[3].abs().max() == 0 and ref["model.embed_tokens.weight"].grad[3].abs().max() == 0
+    assert max_diff(ours.embed.weight.grad, ref["model.embed_tokens.weight"].grad) < 1e-5
+    g_ref = ref["model.layers.0.mlp.gate.weight"].grad
+    assert max_diff(ours.layers[0].moe.gate.weight.grad, g_ref) < 1e-5 * max(1.0, g_ref.abs().max().item())

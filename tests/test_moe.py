@@ -30,19 +30,19 @@ def test_sigmoid_router_bias_steers_choice_not_weights():
     assert [x for _, x in chosen] == pytest.approx([(s[0] / (s[0] + s[3])).item(), (s[3] / (s[0] + s[3])).item()])
 
 
-def test_balance_loss_is_one_when_uniform_and_larger_when_skewed():
+def test_balance_loss_is_k_when_uniform_and_larger_when_skewed():
     E, K, N = 4, 2, 8
     probs = torch.full((N, E), 1 / E)
     idx = torch.arange(N * K).remainder(E).view(N, K)
-    assert moe.balance_loss(moe.balance_stats(probs, idx, E), K).item() == pytest.approx(1.0)
+    assert moe.balance_loss(moe.balance_stats(probs, idx, E)).item() == pytest.approx(2.0)
     skew_p = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(N, 1)
     skew_i = torch.tensor([[0, 1]]).repeat(N, 1)
-    # f = [0.5, 0.5, 0, 0], P = [0.7, 0.1, 0.1, 0.1] -> 4 * (0.35 + 0.05) = 1.6
-    assert moe.balance_loss(moe.balance_stats(skew_p, skew_i, E), K).item() == pytest.approx(1.6)
+    # f = [1, 1, 0, 0] (slots per token), P = [0.7, 0.1, 0.1, 0.1] -> 4 * (0.7 + 0.1) = 3.2
+    assert moe.balance_loss(moe.balance_stats(skew_p, skew_i, E)).item() == pytest.approx(3.2)
     # padding rows do not count
     mask = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
     both_p, both_i = torch.cat([skew_p[:4], probs[:4]]), torch.cat([skew_i[:4], idx[:4]])
-    assert moe.balance_loss(moe.balance_stats(both_p, both_i, E, mask), K).item() == pytest.approx(1.6)
+    assert moe.balance_loss(moe.balance_stats(both_p, both_i, E, mask)).item() == pytest.approx(3.2)
 
 
 @pytest.mark.parametrize("C,F", [(16, 24), (10, 6)])  # grouped_mm-aligned, and the segment fallback

@@ -90,6 +90,10 @@ class ModelConfig:
             raise ValueError(f"rotary_dim = {self.rotary_dim}: must be even and in [0, head_dim = {self.head_dim}]")
         if self.experts_per_token > self.num_experts:
             raise ValueError(f"experts_per_token = {self.experts_per_token} > num_experts = {self.num_experts}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ValueError(f"{name} = {v}: outside the vocabulary [0, {self.vocab_size})")
         if self.router not in ("softmax", "sigmoid"):
             raise ValueError(f"router = {self.router!r}: expected 'softmax' or 'sigmoid'")
         if self.residual not in ("deepnorm", "prenorm"):

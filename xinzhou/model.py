@@ -263,7 +263,8 @@ class XinzhouLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # the pad row gets no gradient (and starts at zero), as in MiniMax's code (padding_idx)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -276,6 +277,8 @@ class XinzhouLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoE):
@@ -340,6 +343,6 @@ class XinzhouLM(nn.Module):
             return logits.float()
         # from the head's dtype: the fused kernel on CUDA reads bf16 logits once (no fp32 copy)
         ce = cross_entropy(logits.view(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
-        aux = moe_ops.balance_loss(torch.stack(stats).sum(0), cfg.experts_per_token)
+        aux = moe_ops.balance_loss(torch.stack(stats).sum(0))
         loss = ce + cfg.router_aux_loss_coef * aux
         return (loss, ce, aux) if return_parts else loss

@@ -49,12 +49,15 @@ def balance_stats(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
     return torch.stack([counts, prob_sum, tokens])
 
 
-def balance_loss(stats: torch.Tensor, k: int) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss from summed `balance_stats`: E * sum_e f_e * P_e,
-    f_e = fraction of routing slots sent to e, P_e = mean router probability of e (1.0 when uniform)."""
+def balance_loss(stats: torch.Tensor) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss from summed `balance_stats`: E * sum_e f_e * P_e, with
+    f_e = routing slots sent to e per token (the K slots of a token count, so f sums to K) and P_e
+    the mean router probability of e: K when perfectly balanced. This is the formula of MiniMax's
+    modelling code and transformers' `load_balancing_loss_func`, so `router_aux_loss_coef` means
+    the same in both."""
     counts, prob_sum, tokens = stats
     n = tokens[0].clamp(min=1.0)
-    return counts.numel() * ((counts / (n * k)) * (prob_sum / n)).sum()
+    return counts.numel() * ((counts / n) * (prob_sum / n)).sum()
 
 
 def swiglu(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
