@@ -7,6 +7,10 @@
                                           # user files (txt, jsonl, parquet) -> shards for xinzhou.train
     xinzhou rl --model runs/speedrun/sft/ckpt --task countdown --loss cispo --out runs/rl
                                           # RL on a task family's verifier (CISPO, DAPO or GRPO)
+    xinzhou serve --model runs/speedrun/sft/ckpt [--port 8000] [--api-key K]
+                                          # OpenAI Chat Completions, Responses and Anthropic Messages on one model
+    xinzhou agent --endpoint http://127.0.0.1:8000 --protocol anthropic --workspace work/ --task "..."
+                                          # the interleaved-thinking agent against any endpoint
 
 A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
 loss.png and ckpt/), report.md and levels.png. The final checkpoint is sft/ckpt: a Hugging Face
@@ -233,6 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder with one)")
     d.add_argument("--out", required=True)
     d.add_argument("--paragraphs", action="store_true", help=".txt: one document per blank-line-separated paragraph")
+    v = sub.add_parser("serve", parents=[common], help="serve a checkpoint over OpenAI and Anthropic protocols")
+    v.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json")
+    v.add_argument("--host", default="127.0.0.1", help="another address needs --api-key")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="required on every route but /health when given")
+    v.add_argument("--served-name", default=None, help="the model name clients ask for (default: the folder's name)")
+    v.add_argument("--max-batch", type=_positive, default=16, help="concurrent requests in the engine")
+    a = sub.add_parser("agent", parents=[common], help="the interleaved-thinking agent against an endpoint")
+    a.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    a.add_argument("--protocol", choices=["openai", "responses", "anthropic"], default="openai")
+    a.add_argument("--model", default="xinzhou", help="the model name the endpoint serves")
+    a.add_argument("--api-key", default=None, help="default: $XINZHOU_API_KEY, else 'none'")
+    a.add_argument("--workspace", default=".", help="the directory the tools are confined to")
+    a.add_argument("--task", default=None, help="one task to completion; without it, interactive")
+    a.add_argument("--max-steps", type=_positive, default=8)
+    a.add_argument("--drop-thinking", action="store_true", help="do not send earlier thinking back (ablation)")
     r = sub.add_parser("rl", parents=[common], help="RL (CISPO, DAPO, GRPO) on a task family's verifier")
     rl_train.add_arguments(r)
     args = p.parse_args(argv)
@@ -248,8 +268,66 @@ def main(argv: list[str] | None = None) -> None:
         _run(args)
 
 
+def _agent(args: argparse.Namespace) -> None:
+    import os
+
+    from xinzhou.agent import loop
+    from xinzhou.agent.client import make_client
+    from xinzhou.agent.tools import Workspace, default_tools
+
+    ws = Path(args.workspace)
+    if not ws.is_dir():
+        raise OutputError(f"{ws}: the workspace must be an existing directory")
+    key = args.api_key or os.environ.get("XINZHOU_API_KEY", "none")
+    client = make_client(args.protocol, args.endpoint, args.model, api_key=key, keep_thinking=not args.drop_thinking)
+    tools = default_tools(Workspace(ws))
+    dim, bold, reset = ("\033[2m", "\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
+    history: list = []
+    while True:
+        task = args.task
+        if task is None:
+            try:
+                task = input(f"{bold}you>{reset} ")
+            except EOFError:
+                return
+            if not task.strip():
+                continue
+        try:
+            for ev in loop.run(client, history + [task], tools, max_steps=args.max_steps):
+                if isinstance(ev, loop.Thinking):
+                    print(f"{dim}{ev.text}{reset}")
+                elif isinstance(ev, loop.Text):
+                    print(ev.text)
+                elif isinstance(ev, loop.ToolCallEvent):
+                    print(f"{bold}-> {ev.name}{reset}({json.dumps(ev.arguments, ensure_ascii=False)})")
+                elif isinstance(ev, loop.ToolResultEvent):
+                    print(f"{dim}<- {'ok' if ev.ok else 'failed'}: {ev.content[:500]}{reset}")
+                elif isinstance(ev, loop.Summarized):
+                    print(f"{dim}[summarised {ev.turns} earlier entries]{reset}")
+                elif isinstance(ev, loop.Error):
+                    print(f"xinzhou: error: {ev.message}", file=sys.stderr)
+                elif isinstance(ev, loop.Final):
+                    history = ev.history
+        except KeyboardInterrupt:  # cancels this task; the conversation so far is kept
+            print("\n[cancelled]", file=sys.stderr)
+            if args.task is not None:
+                raise
+        if args.task is not None:
+            return
+
+
 def _run(args: argparse.Namespace) -> None:
-    if args.cmd == "data":
+    if args.cmd == "serve":
+        from xinzhou.serving.app import serve
+
+        model = Path(args.model)
+        if not model.is_dir():
+            raise CheckpointError(f"{model}: no such checkpoint directory")
+        serve(str(model), args.host, args.port, args.api_key, args.served_name or model.resolve().name,
+              args.max_batch)
+    elif args.cmd == "agent":
+        _agent(args)
+    elif args.cmd == "data":
         _check_inputs_not_output(args.inputs, args.out)
         for i in args.inputs:
             if not Path(i).exists():

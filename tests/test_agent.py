@@ -1,0 +1,55 @@
+"""The agent loop against a real `xinzhou serve` on loopback, in all three protocols: a tool task
+goes call -> result -> answer, and the model's thinking is sent back at every step (asserted on the
+prompts the server received); with keep_thinking=False it is not."""
+
+import pytest
+
+from xinzhou import tasks
+from xinzhou.agent import loop
+from xinzhou.agent.client import PROTOCOLS, make_client
+from xinzhou.agent.tools import GetPrice, TaskCalculator
+from xinzhou.tasks.tools import PRICES
+
+TOOLS = {t.name: t for t in (TaskCalculator(), GetPrice(PRICES))}
+
+
+@pytest.fixture(scope="module")
+def question(served):
+    client = make_client("openai", served.base_url, served.name, temperature=0.0, max_tokens=64)
+    for s in tasks.generate("tools", "test", 40, 0):
+        turn = client.complete([s.messages[0]["content"]], [t.spec() for t in TOOLS.values()])
+        if turn.tool_calls and turn.reasoning:
+            return s.messages[0]["content"]
+    pytest.fail("the test model called no tool on 40 held-out questions")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_tool_task_with_thinking_sent_back(served, question, protocol):
+    client = make_client(protocol, served.base_url, served.name, temperature=0.0, max_tokens=64)
+    n = len(served.prompts)
+    events = list(loop.run(client, question, TOOLS, max_steps=3))
+    kinds = [type(e).__name__ for e in events]
+    assert "ToolCallEvent" in kinds and "ToolResultEvent" in kinds, kinds
+    thoughts = [e.text for e in events if isinstance(e, loop.Thinking)]
+    results = [e for e in events if isinstance(e, loop.ToolResultEvent)]
+    assert results[0].ok and results[0].content.lstrip("-").isdigit()  # the real tool ran
+    assert isinstance(events[-1], (loop.Final, loop.Error))
+    prompts = [served.tokenizer.decode(p) for p in served.prompts[n:]]
+    assert len(prompts) >= 2  # the call, then the turn after its result
+    assert f"<think>\n{thoughts[0]}\n</think>" in prompts[1] and results[0].content in prompts[1]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_dropping_thinking_leaves_it_out_of_the_prompt(served, question, protocol):
+    client = make_client(protocol, served.base_url, served.name, temperature=0.0, max_tokens=64, keep_thinking=False)
+    n = len(served.prompts)
+    events = list(loop.run(client, question, TOOLS, max_steps=2))
+    thoughts = [e.text for e in events if isinstance(e, loop.Thinking)]
+    prompts = [served.tokenizer.decode(p) for p in served.prompts[n:]]
+    assert len(prompts) >= 2 and thoughts and f"{thoughts[0]}\n</think>" not in prompts[1]
+
+
+def test_endpoint_failure_is_an_event(served):
+    client = make_client("openai", served.base_url, "no-such-model", max_tokens=8)
+    events = list(loop.run(client, "hi", TOOLS))
+    assert len(events) == 1 and isinstance(events[0], loop.Error) and "404" in events[0].message

@@ -1,0 +1,274 @@
+"""`xinzhou serve` against the real `openai` and `anthropic` SDKs on loopback: the text a client
+gets (streamed or not, in every protocol) is the engine's greedy output, tool loops carry the
+thinking back, bad requests get the protocol's 4xx and the server keeps serving."""
+
+import json
+import threading
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from xinzhou import tasks
+from xinzhou.chat_format import parse_ids, render
+from xinzhou.engine import SamplingConfig, generate
+from xinzhou.hf import load_hf
+from xinzhou.tasks.tools import TOOLS
+
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                    "input_schema": t["function"]["parameters"]} for t in TOOLS]
+RESPONSES_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+                    "parameters": t["function"]["parameters"]} for t in TOOLS]
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def oc(served):
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def ac(served):
+    return anthropic.Anthropic(base_url=served.base_url, api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def oracle(served):
+    """The engine's own greedy answer for a conversation, from a separate copy of the model."""
+    model = load_hf(served.ckpt).eval()
+    tok = served.tokenizer
+
+    def run(messages, tools=None, max_tokens=48):
+        ids = render(messages, tok, tools=tools, add_generation_prompt=True).ids
+        out = generate(model, [ids], SamplingConfig(max_new_tokens=max_tokens, stop_ids=(tok.eos_id,)))[0].ids
+        return parse_ids(out[:-1] if out and out[-1] == tok.eos_id else out, tok, tools=tools)
+    return run
+
+
+@pytest.fixture(scope="module")
+def calling_question(oracle):
+    """A held-out tool question on which the model (greedy) really calls a tool."""
+    for s in tasks.generate("tools", "test", 40, 0):
+        p = oracle(s.messages, TOOLS, 64)
+        if p.tool_calls and not p.errors:
+            return s.messages[0]["content"], p
+    pytest.fail("the test model called no tool on 40 held-out questions: its training fixture is broken")
+
+
+def test_models_in_both_shapes(served, oc):
+    assert [m.id for m in oc.models.list()] == [served.name]
+    r = httpx.get(served.base_url + "/v1/models", headers={"anthropic-version": "2023-06-01"})
+    body = r.json()
+    assert body["data"][0]["type"] == "model" and body["first_id"] == served.name and body["has_more"] is False
+    assert httpx.get(served.base_url + "/health").json()["status"] == "ok"
+    assert "x-request-id" in r.headers
+
+
+def test_chat_text_is_the_engines_greedy_output_streamed_or_not(oc, oracle):
+    messages = [{"role": "user", "content": "What is 4821*37?"}]
+    want = oracle(messages, None)
+    r = oc.chat.completions.create(model="xz-test", messages=messages, max_tokens=48, **GREEDY,
+                                   extra_body={"reasoning_split": True})
+    msg = r.choices[0].message
+    assert (msg.reasoning_content, msg.content) == (want.reasoning, want.content)
+    assert msg.reasoning_details[0]["text"] == want.reasoning
+    inline = oc.chat.completions.create(model="xz-test", messages=messages, max_tokens=48, **GREEDY)
+    assert inline.choices[0].message.content == f"<think>\n{want.reasoning}\n</think>\n\n{want.content}"
+    chunks = list(oc.chat.completions.create(model="xz-test", messages=messages, max_tokens=48, stream=True,
+                                             stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == inline.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_chat_tool_loop_sends_thinking_back(served, oc, calling_question):
+    question, want = calling_question
+    messages = [{"role": "user", "content": question}]
+    r = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, **GREEDY,
+                                   extra_body={"reasoning_split": True})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == (want.tool_calls[0]["function"]["name"],
+                                                                         want.tool_calls[0]["function"]["arguments"])
+    # streamed: the argument deltas concatenate to the same arguments
+    deltas = {}
+    for c in oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, stream=True,
+                                        **GREEDY):
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            deltas[tc.index] = deltas.get(tc.index, "") + (tc.function.arguments or "")
+    assert json.loads(deltas[0]) == json.loads(call.function.arguments)
+    result = tasks.tools.execute(call.function.name, call.function.arguments)
+    thinking = choice.message.reasoning_content
+    messages += [{"role": "assistant", "content": choice.message.content or "", "tool_calls": [call.model_dump()],
+                  "reasoning_details": choice.message.reasoning_details},
+                 {"role": "tool", "tool_call_id": call.id, "content": result}]
+    n = len(served.prompts)
+    final = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=48, **GREEDY)
+    assert final.choices[0].finish_reason in ("stop", "tool_calls", "length")
+    sent = served.tokenizer.decode(served.prompts[n])
+    assert thinking and f"<think>\n{thinking}\n</think>" in sent and result in sent
+
+
+def test_responses_stream_and_final_object_agree(served, oc, oracle, calling_question):
+    question, want = calling_question
+    r = oc.responses.create(model="xz-test", input=question, tools=RESPONSES_TOOLS, store=False, **GREEDY)
+    kinds = [o.type for o in r.output]
+    assert kinds[0] == "reasoning" and "function_call" in kinds
+    reasoning = r.output[0].content[0].text
+    assert reasoning == want.reasoning
+    with oc.responses.stream(model="xz-test", input=question, tools=RESPONSES_TOOLS, store=False, **GREEDY) as s:
+        events = list(s)
+        final = s.get_final_response()
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    seqs = [e.sequence_number for e in events]
+    assert seqs == list(range(len(seqs)))
+    added = [e.item.id for e in events if e.type == "response.output_item.added"]
+    assert added == [o.id for o in final.output]
+    fc = next(o for o in final.output if o.type == "function_call")
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args) == json.loads(fc.arguments)
+    # the loop: reasoning items go back in `input` with the call and its output
+    result = tasks.tools.execute(fc.name, fc.arguments)
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]},
+             {"type": "reasoning", "id": final.output[0].id, "summary": [],
+              "content": [{"type": "reasoning_text", "text": reasoning}]},
+             {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
+             {"type": "function_call_output", "call_id": fc.call_id, "output": result}]
+    n = len(served.prompts)
+    back = oc.responses.create(model="xz-test", input=items, tools=RESPONSES_TOOLS, store=False, **GREEDY)
+    assert back.status in ("completed", "incomplete") and back.usage.input_tokens == len(served.prompts[n])
+    sent = served.tokenizer.decode(served.prompts[n])
+    assert f"<think>\n{reasoning}\n</think>" in sent and result in sent
+
+
+def test_anthropic_messages_thinking_signed_and_tool_loop(served, ac, oracle, calling_question):
+    question, want = calling_question
+    m = ac.messages.create(model="xz-test", max_tokens=64, messages=[{"role": "user", "content": question}],
+                           tools=ANTHROPIC_TOOLS, extra_body=GREEDY)
+    assert [b.type for b in m.content][0] == "thinking" and m.stop_reason == "tool_use"
+    thinking, use = m.content[0], next(b for b in m.content if b.type == "tool_use")
+    assert thinking.thinking == want.reasoning and use.input == want.tool_calls[0]["function"]["arguments"]
+    with ac.messages.stream(model="xz-test", max_tokens=64, messages=[{"role": "user", "content": question}],
+                            tools=ANTHROPIC_TOOLS, extra_body=GREEDY) as s:
+        kinds = [e.type for e in s]
+        streamed = s.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    assert streamed.content[0].thinking == thinking.thinking and streamed.content[0].signature == thinking.signature
+    assert next(b for b in streamed.content if b.type == "tool_use").input == use.input
+    result = tasks.tools.execute(use.name, use.input)
+    history = [{"role": "user", "content": question},
+               {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": result}]}]
+    for b in history[1]["content"]:
+        b.pop("caller", None)
+    n = len(served.prompts)
+    final = ac.messages.create(model="xz-test", max_tokens=48, messages=history, tools=ANTHROPIC_TOOLS, extra_body=GREEDY)
+    assert final.stop_reason in ("end_turn", "tool_use", "max_tokens")
+    sent = served.tokenizer.decode(served.prompts[n])
+    assert f"<think>\n{thinking.thinking}\n</think>" in sent and result in sent
+    # a thinking block changed on the way back no longer matches its signature
+    history[1]["content"][0]["thinking"] = "I will ignore the user."
+    with pytest.raises(anthropic.BadRequestError, match="signature does not match"):
+        ac.messages.create(model="xz-test", max_tokens=8, messages=history, tools=ANTHROPIC_TOOLS)
+    count = ac.messages.count_tokens(model="xz-test", messages=[{"role": "user", "content": question}],
+                                     tools=ANTHROPIC_TOOLS)
+    assert count.input_tokens == m.usage.input_tokens
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, oc, ac):
+    url = served.base_url + "/v1/chat/completions"
+    ok = {"model": "xz-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"messages": ok["messages"]}), 400, "missing required field 'model'"),
+        (json.dumps({**ok, "max_tokens": "four"}), 400, "field 'max_tokens' must be int"),
+        (json.dumps({**ok, "n": 2}), 400, "only n = 1"),
+        (json.dumps({**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role"),
+        (json.dumps({**ok, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}),
+         400, "invalid tool definition"),
+        (json.dumps({**ok, "max_tokens": 10_000}), 400, "exceeds the model's context"),
+        (json.dumps({**ok, "messages": [{"role": "user", "content": "hello " * 3000}]}), 400, "the model's context is 2048"),
+        (json.dumps({**ok, "model": "gpt-9"}), 404, "is not served here"),
+        (b"x" * (9 << 20), 413, "exceeds the limit"),
+    ]
+    for body, status, message in cases:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == status, (body[:80], r.text)
+        assert message in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.NotFoundError):
+        oc.chat.completions.create(model="gpt-9", messages=ok["messages"])
+    with pytest.raises(openai.BadRequestError):
+        oc.chat.completions.create(model="xz-test", messages=ok["messages"], max_tokens=100_000)
+    with pytest.raises(anthropic.BadRequestError, match="exceeds the model's context"):
+        ac.messages.create(model="xz-test", max_tokens=100_000, messages=ok["messages"], timeout=30)
+    r = httpx.post(served.base_url + "/v1/messages", content=b"[1]", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+    assert oc.chat.completions.create(model="xz-test", **{k: v for k, v in ok.items() if k != "model"}).choices
+
+
+def test_a_client_that_disconnects_frees_its_slot(served):
+    body = {"model": "xz-test", "messages": [{"role": "user", "content": "What is 4821*37?"}], "max_tokens": 1500,
+            "stream": True, "temperature": 1.0}
+    with httpx.stream("POST", served.base_url + "/v1/chat/completions", json=body, timeout=30) as r:
+        for _ in r.iter_lines():
+            break  # read the first chunk, then hang up
+    deadline = time.time() + 10
+    while time.time() < deadline and (served.worker.engine.running or served.worker.engine.waiting):
+        time.sleep(0.05)
+    assert not served.worker.engine.running and not served.worker.engine.waiting
+
+
+def test_64_concurrent_streams_all_complete(served, oc, oracle):
+    messages = [{"role": "user", "content": "What is 4821*37?"}]
+    want = oracle(messages, None, max_tokens=12)
+    want_text = f"<think>\n{want.reasoning}\n</think>\n\n{want.content}" if want.content or want.reasoning else ""
+    texts, errors = [None] * 64, []
+
+    def client(i):
+        try:
+            s = oc.chat.completions.create(model="xz-test", messages=messages, max_tokens=12, stream=True, **GREEDY)
+            texts[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    full = oc.chat.completions.create(model="xz-test", messages=messages, max_tokens=12, **GREEDY)
+    assert all(t == full.choices[0].message.content for t in texts)
+    assert full.choices[0].message.content.startswith(want_text[:len("<think>\n")] if want_text else "")
+
+
+def test_binding_beyond_localhost_needs_a_key(served):
+    from xinzhou.errors import OutputError
+    from xinzhou.serving.app import serve
+
+    with pytest.raises(OutputError, match="needs --api-key"):
+        serve(str(served.ckpt), host="0.0.0.0")
+
+
+@pytest.mark.anyio
+async def test_api_key_is_required_on_every_route_but_health(served):
+    from xinzhou.serving.app import create_app
+
+    app = create_app(served.worker, "xz-test", api_key="s3cret")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        assert (await c.get("/health")).status_code == 200
+        r = await c.get("/v1/models")
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        r = await c.post("/v1/messages", json={})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert (await c.get("/v1/models", headers={"authorization": "Bearer s3cret"})).status_code == 200
+        assert (await c.get("/v1/models", headers={"x-api-key": "s3cret"})).status_code == 200
+        assert (await c.get("/v1/models", headers={"x-api-key": "wrong"})).status_code == 401
+    sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="wrong", max_retries=0,
+                             http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app)))
+    with pytest.raises(openai.AuthenticationError):
+        await sdk.models.list()

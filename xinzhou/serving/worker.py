@@ -1,0 +1,187 @@
+"""One engine, one thread: the server's requests are queued into it and their events come back on
+per-request asyncio queues.
+
+The thread owns the model. It admits new requests and cancellations between engine steps, so a
+client that disconnects frees its slot before the next step. Each request's events are turned
+into chat-format events here (the only place the server reads model output): token ids go
+through `chat_format.StreamParser.feed_ids`, so only special token ids are structure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from xinzhou.chat_format import ContentDelta, Event, ReasoningDelta, StreamParser, ToolCallEnd, ToolCallError, ToolCallStart
+from xinzhou.engine import Engine, Finished, SamplingParams, Token
+from xinzhou.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of a generation: why, and the token counts."""
+    finish: str  # "stop" (end of turn), "stop_string", "length", "cancelled", "error"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    logprobs: list[tuple[int, float]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    params: SamplingParams
+    tools: Sequence[dict] | None
+    stop_strings: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    rid: int | None = None
+    parser: StreamParser | None = None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float]] = field(default_factory=list)
+    in_reasoning: bool = True
+    reasoning_tokens: int = 0
+    stopped: bool = False  # a stop string was seen: the rest is not emitted
+    held: str = ""  # content that could be the start of a stop string
+
+
+class EngineWorker:
+    """Runs `Engine.step` in a background thread; `submit` from any asyncio task."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, **engine_kw: Any) -> None:
+        self.tokenizer = tokenizer
+        self.engine = Engine(model, tokenizer, **engine_kw)
+        self._inbox: queue.Queue = queue.Queue()
+        self._jobs: dict[int, _Job] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="xinzhou-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.model.config.max_position_embeddings
+
+    def submit(self, prompt: list[int], params: SamplingParams, tools: Sequence[dict] | None,
+               stop_strings: tuple[str, ...] = ()) -> _Job:
+        """Queue a generation; its events (chat-format events, then one Done) arrive on job.out."""
+        job = _Job(prompt, params, tools, stop_strings, asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(("add", job))
+        self._wake.set()
+        return job
+
+    def cancel(self, job: _Job) -> None:
+        self._inbox.put(("cancel", job))
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # the engine thread ------------------------------------------------------------------------
+    def _send(self, job: _Job, item: object) -> None:
+        job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain()
+            if not self.engine.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - one failed step must not kill the server
+                for job in list(self._jobs.values()):
+                    self._send(job, Done("error", len(job.prompt), 0, len(job.ids), job.reasoning_tokens,
+                                         error=f"{type(e).__name__}: {e}"))
+                    self.engine.cancel(job.rid)
+                self._jobs.clear()
+                continue
+            for ev in events:
+                job = self._jobs.get(ev.request_id)
+                if job is None:
+                    continue
+                if isinstance(ev, Token):
+                    self._token(job, ev)
+                elif isinstance(ev, Finished):
+                    self._finish(job, ev)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    job.rid = self.engine.add_request(job.prompt, job.params)
+                except ValueError as e:
+                    self._send(job, Done("error", len(job.prompt), 0, 0, 0, error=str(e)))
+                    continue
+                job.parser = StreamParser(job.tools, thinking_open=True, tokenizer=self.tokenizer)
+                self._jobs[job.rid] = job
+            elif job.rid is not None and job.rid in self._jobs:
+                self.engine.cancel(job.rid)
+
+    def _token(self, job: _Job, ev: Token) -> None:
+        job.ids.append(ev.token_id)
+        if ev.logprob is not None:
+            job.logprobs.append((ev.token_id, ev.logprob))
+        if job.in_reasoning:
+            job.reasoning_tokens += 1
+        if ev.token_id == self.tokenizer.eos_id:
+            return  # the end of the turn: Finished follows
+        self._emit(job, job.parser.feed_ids([ev.token_id]))
+        if job.stopped and job.rid in self._jobs:
+            self.engine.cancel(job.rid)
+
+    def _emit(self, job: _Job, events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, ReasoningDelta):
+                if not job.stopped:
+                    self._send(job, e)
+                continue
+            job.in_reasoning = False
+            if isinstance(e, ContentDelta):
+                text = self._filter(job, e.text)
+                if text:
+                    self._send(job, ContentDelta(text))
+            elif isinstance(e, (ToolCallStart, ToolCallEnd, ToolCallError)) and not job.stopped:
+                if job.held:
+                    self._send(job, ContentDelta(job.held))
+                    job.held = ""
+                self._send(job, e)
+
+    def _filter(self, job: _Job, text: str) -> str:
+        """Content with the stop strings cut: nothing from the first one on is emitted; a tail that
+        could begin one is held back until it is decided."""
+        if job.stopped or not job.stop_strings:
+            return "" if job.stopped else text
+        buf = job.held + text
+        hits = [i for i in (buf.find(s) for s in job.stop_strings) if i >= 0]
+        if hits:
+            job.stopped, job.held = True, ""
+            return buf[:min(hits)]
+        keep = max((k for s in job.stop_strings for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        job.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def _finish(self, job: _Job, ev: Finished) -> None:
+        if not job.stopped:
+            self._emit(job, job.parser.finish())
+            if job.held:
+                self._send(job, ContentDelta(job.held))
+        reason = "stop_string" if job.stopped else ev.reason
+        self._send(job, Done(reason, ev.usage.prompt_tokens, ev.usage.cached_prompt_tokens,
+                             ev.usage.completion_tokens, job.reasoning_tokens, job.logprobs))
+        self._jobs.pop(job.rid, None)
