@@ -53,3 +53,24 @@ def test_endpoint_failure_is_an_event(served):
     client = make_client("openai", served.base_url, "no-such-model", max_tokens=8)
     events = list(loop.run(client, "hi", TOOLS))
     assert len(events) == 1 and isinstance(events[0], loop.Error) and "404" in events[0].message
+
+
+@pytest.mark.parametrize("source", ["model", "endpoint"])
+def test_terminal_chat_prints_the_greedy_reply(served, source):
+    import subprocess
+    import sys
+
+    from xinzhou.chat_format import parse_ids, render
+    from xinzhou.engine import SamplingConfig, generate
+    from xinzhou.hf import load_hf
+
+    tok = served.tokenizer
+    ids = render([{"role": "user", "content": "What is 4821*37?"}], tok, add_generation_prompt=True).ids
+    out = generate(load_hf(served.ckpt), [ids], SamplingConfig(max_new_tokens=40, stop_ids=(tok.eos_id,)))[0].ids
+    want = parse_ids(out[:-1] if out[-1] == tok.eos_id else out, tok)
+    where = ["--model", str(served.ckpt)] if source == "model" else ["--endpoint", served.base_url, "--served-name",
+                                                                       served.name]
+    r = subprocess.run([sys.executable, "-m", "xinzhou.cli", "chat", *where, "--temperature", "0", "--max-tokens", "40"],
+                       input="What is 4821*37?\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert want.reasoning in r.stdout and r.stdout.rstrip().endswith(want.content.rstrip() + "\nyou>")

@@ -244,6 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--api-key", default=None, help="required on every route but /health when given")
     v.add_argument("--served-name", default=None, help="the model name clients ask for (default: the folder's name)")
     v.add_argument("--max-batch", type=_positive, default=16, help="concurrent requests in the engine")
+    c = sub.add_parser("chat", parents=[common], help="a terminal chat with a checkpoint or an endpoint")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory with tokenizer.json (runs here)")
+    src.add_argument("--endpoint", help="base URL of an OpenAI-compatible server")
+    c.add_argument("--served-name", default="xinzhou", help="the model name, with --endpoint")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--max-tokens", type=_positive, default=512)
     a = sub.add_parser("agent", parents=[common], help="the interleaved-thinking agent against an endpoint")
     a.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     a.add_argument("--protocol", choices=["openai", "responses", "anthropic"], default="openai")
@@ -266,6 +273,74 @@ def main(argv: list[str] | None = None) -> None:
         return
     with cli_errors(args.debug):
         _run(args)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    """Read a line, stream the reply (thinking dimmed, tool calls shown), keep the conversation."""
+    from xinzhou.chat_format import ContentDelta, ReasoningDelta, StreamParser, ToolCallEnd, render
+    from xinzhou.engine import Engine, Finished, SamplingParams, Token
+
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    messages: list[dict] = []
+    if args.endpoint:
+        from xinzhou.agent.client import Turn, make_client
+        client = make_client("openai", args.endpoint, args.served_name, temperature=args.temperature,
+                             max_tokens=args.max_tokens)
+        history: list = []
+    else:
+        ckpt = Path(args.model)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+        model = load_hf(ckpt, device="cuda" if torch.cuda.is_available() else "cpu").eval()
+        tok = load_tokenizer(ckpt / "tokenizer.json")
+        engine = Engine(model, tok, max_batch=1)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return
+        if not line.strip():
+            continue
+        try:
+            if args.endpoint:
+                turn: Turn = client.complete(history + [line], [])
+                history += [line, turn]
+                if turn.reasoning:
+                    print(f"{dim}{turn.reasoning}{reset}")
+                print(turn.content)
+                continue
+            messages.append({"role": "user", "content": line})
+            prompt = render(messages, tok, add_generation_prompt=True).ids
+            rid = engine.add_request(prompt, SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                                            stop_ids=(tok.eos_id,)))
+            parser, reply = StreamParser(tokenizer=tok), {"role": "assistant", "content": "", "reasoning_content": ""}
+            while engine.has_work():
+                for ev in engine.step():
+                    if isinstance(ev, Token) and ev.token_id != tok.eos_id:
+                        evs = parser.feed_ids([ev.token_id])
+                    elif isinstance(ev, Finished):
+                        evs = parser.finish()
+                    else:
+                        continue
+                    for e in evs:
+                        if isinstance(e, ReasoningDelta):
+                            reply["reasoning_content"] += e.text
+                            print(f"{dim}{e.text}{reset}", end="", flush=True)
+                        elif isinstance(e, ContentDelta):
+                            if not reply["content"]:
+                                print()
+                            reply["content"] += e.text
+                            print(e.text, end="", flush=True)
+                        elif isinstance(e, ToolCallEnd):
+                            print(f"\n-> {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", end="")
+            print()
+            messages.append(reply)
+        except KeyboardInterrupt:
+            if not args.endpoint:
+                engine.cancel(rid)
+                while engine.has_work():
+                    engine.step()
+            print("\n[cancelled]", file=sys.stderr)
 
 
 def _agent(args: argparse.Namespace) -> None:
@@ -327,6 +402,8 @@ def _run(args: argparse.Namespace) -> None:
               args.max_batch)
     elif args.cmd == "agent":
         _agent(args)
+    elif args.cmd == "chat":
+        _chat(args)
     elif args.cmd == "data":
         _check_inputs_not_output(args.inputs, args.out)
         for i in args.inputs:
