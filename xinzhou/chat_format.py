@@ -1,6 +1,6 @@
 """MiniMax-M2 chat format: messages -> token ids + loss mask, and model output -> message.
 
-The only module that knows the M2 markup (SPEC-serving.md). Rendering:
+The only module that knows the M2 markup. Rendering:
 
     ]~!b[]~b]system\n{system}{tools section}[e~[\n
     ]~b]user\n{text}[e~[\n

@@ -248,7 +248,7 @@ def test_64_concurrent_streams_all_complete(served, oc, oracle):
 
 def test_binding_beyond_localhost_needs_a_key(served):
     from xinzhou.errors import OutputError
-    from xinzhou.serving.app import serve
+    from xinzhou.server.app import serve
 
     with pytest.raises(OutputError, match="needs --api-key"):
         serve(str(served.ckpt), host="0.0.0.0")
@@ -256,11 +256,13 @@ def test_binding_beyond_localhost_needs_a_key(served):
 
 @pytest.mark.anyio
 async def test_api_key_is_required_on_every_route_but_health(served):
-    from xinzhou.serving.app import create_app
+    from xinzhou.server.app import create_app
 
     app = create_app(served.worker, "xz-test", api_key="s3cret")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         assert (await c.get("/health")).status_code == 200
+        page = await c.get("/")  # the chat page is public; what it calls is not
+        assert page.status_code == 200 and "/v1/chat/completions" in page.text and "reasoning_split" in page.text
         r = await c.get("/v1/models")
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         r = await c.post("/v1/messages", json={})

@@ -8,7 +8,8 @@ POST /v1/messages/count_tokens, GET /v1/models (Anthropic's shape when the reque
 `anthropic-version`), GET /health. Every error is a 4xx/5xx in the protocol's own error format and
 the server keeps serving; every response carries an `x-request-id`, and one JSON log line per
 request goes to stderr. Listens on 127.0.0.1 unless told otherwise, and only with an API key then;
-with a key every route but /health needs it (`Authorization: Bearer K` or `x-api-key: K`).
+with a key every route but /health and the chat page at / needs it (`Authorization: Bearer K` or
+`x-api-key: K`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from xinzhou.serving import anthropic, openai_chat, openai_responses
-from xinzhou.serving.common import APIError
-from xinzhou.serving.worker import EngineWorker
+from xinzhou.server import anthropic, openai_chat, openai_responses
+from xinzhou.server.common import APIError
+from xinzhou.server.web import PAGE
+from xinzhou.server.worker import EngineWorker
 
 MAX_BODY = 8 << 20  # bytes of a request body
 log = logging.getLogger("xinzhou.serve")
@@ -57,7 +59,10 @@ def create_app(worker: EngineWorker, served_name: str = "xinzhou", api_key: str 
         t0 = time.time()
         proto = protocol_of(request)
         try:
-            if api_key is not None and request.url.path != "/health":
+            # the chat page itself is public (a browser cannot send a header when it opens it);
+            # its requests carry the key
+            public = request.url.path == "/health" or (request.url.path == "/" and request.method in ("GET", "HEAD"))
+            if api_key is not None and not public:
                 given = request.headers.get("x-api-key") or ""
                 auth = request.headers.get("authorization", "")
                 if auth.lower().startswith("bearer "):
@@ -110,7 +115,7 @@ def create_app(worker: EngineWorker, served_name: str = "xinzhou", api_key: str 
     @app.head("/")
     @app.get("/")
     async def root() -> Response:
-        return JSONResponse({"name": "xinzhou", "model": served_name})
+        return HTMLResponse(PAGE)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -121,38 +126,27 @@ def create_app(worker: EngineWorker, served_name: str = "xinzhou", api_key: str 
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created,
                                             "owned_by": "xinzhou"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
+    async def handle(request: Request, protocol: Any, *extra: Any) -> Any:
+        """Parse, then answer whole or as a stream; an APIError anywhere becomes the protocol's error."""
         try:
-            body = await body_of(request)
-            req = openai_chat.parse_request(worker, body)
+            req = protocol.parse_request(worker, await body_of(request), *extra)
             if req["stream"]:
-                return sse(openai_chat.stream(worker, req, served_name))
-            return await openai_chat.complete(worker, req, served_name)
+                return sse(protocol.stream(worker, req, served_name, *extra))
+            return await protocol.complete(worker, req, served_name, *extra)
         except APIError as e:
             return failure(request, e)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await handle(request, openai_chat)
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Any:
-        try:
-            body = await body_of(request)
-            req = openai_responses.parse_request(worker, body)
-            if req["stream"]:
-                return sse(openai_responses.stream(worker, req, served_name))
-            return await openai_responses.complete(worker, req, served_name)
-        except APIError as e:
-            return failure(request, e)
+        return await handle(request, openai_responses)
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
-        try:
-            body = await body_of(request)
-            req = anthropic.parse_request(worker, body, signing_key)
-            if req["stream"]:
-                return sse(anthropic.stream(worker, req, served_name, signing_key))
-            return await anthropic.complete(worker, req, served_name, signing_key)
-        except APIError as e:
-            return failure(request, e)
+        return await handle(request, anthropic, signing_key)
 
     @app.post("/v1/messages/count_tokens")
     async def count(request: Request) -> Any:

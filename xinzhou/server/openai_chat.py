@@ -16,9 +16,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from xinzhou.serving.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad,
+from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad,
                                     check_tools, collect, events, field_of, new_id, prompt_ids, sampling, stop_list)
-from xinzhou.serving.worker import EngineWorker
+from xinzhou.server.worker import EngineWorker
 
 
 def _messages(raw: Any) -> list[dict]:

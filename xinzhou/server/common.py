@@ -12,7 +12,7 @@ from typing import Any
 from xinzhou.chat_format import ContentDelta, ReasoningDelta, ToolCallEnd, ToolCallError, ToolCallStart, render
 from xinzhou.engine import SamplingParams
 from xinzhou.schema import check_tool
-from xinzhou.serving.worker import Done, EngineWorker
+from xinzhou.server.worker import Done, EngineWorker
 
 
 class APIError(Exception):
