@@ -56,7 +56,7 @@ def train_tool_model(out: Path, steps: int = 100) -> Path:
 def served(tmp_path_factory):
     import uvicorn
 
-    from xinzhou.serving.app import create_app, load_worker
+    from xinzhou.server.app import create_app, load_worker
 
     ckpt = train_tool_model(tmp_path_factory.mktemp("served"))
     worker = load_worker(ckpt, max_batch=16)

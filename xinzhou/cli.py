@@ -393,7 +393,7 @@ def _agent(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     if args.cmd == "serve":
-        from xinzhou.serving.app import serve
+        from xinzhou.server.app import serve
 
         model = Path(args.model)
         if not model.is_dir():
