@@ -63,7 +63,7 @@ def steps_to(steps: list[int], rates: list[float], level: float) -> int | None:
     return next((s for s, v in zip(steps, rates) if v >= level), None)
 
 
-def report(out: Path, runs: dict, rollouts_per_step: int) -> None:
+def report(out: Path, runs: dict, rollouts_per_step: int, eval_n: int) -> None:
     res: dict = {"runs": {}, "by_loss": {}}
     base = [curve(read_rows(out / name / "metrics.jsonl"))[1][0] for name in runs]
     start = float(np.mean(base))
@@ -96,24 +96,27 @@ def report(out: Path, runs: dict, rollouts_per_step: int) -> None:
     lines = ["# CISPO vs DAPO vs GRPO on countdown (L3)", "",
              f"Start (SFT checkpoint): held-out pass rate {start:.1%}. {len(runs) // len(LOSSES)} seeds per loss; "
              f"{rollouts_per_step} rollouts per step.", "",
-             "| loss | final pass rate (mean +- sd) | " + " | ".join(f"steps to {lv:.0%}" for lv in levels)
+             "| loss | final pass rate (mean +- sd over seeds) | " + " | ".join(f"steps to {lv:.1%}" for lv in levels)
              + " | clip fraction | entropy | response length | sigmoid A / C_mid / B |",
              "|---|---|" + "---|" * len(levels) + "---|---|---|---|"]
     for loss, b in res["by_loss"].items():
         st = " | ".join(", ".join("-" if x is None else str(x) for x in b["steps_to"][str(lv)]) for lv in levels)
         fit = b["sigmoid"]
         fs = f"{fit['A']:.2f} / {fit['C_mid']:.0f} / {fit['B']:.2f}" if fit else "-"
-        lines.append(f"| {loss} | {b['final_mean']:.1%} +- {b['final_sd']:.1%} | {st} | "
+        sd = f"{b['final_sd']:.1%}" if b["seeds"] > 1 else "n/a (1 seed)"
+        lines.append(f"| {loss} | {b['final_mean']:.1%} +- {sd} | {st} | "
                      f"{b['clip_fraction'][0]:.3f} | {b['entropy'][0]:.3f} | {b['response_len'][0]:.1f} | {fs} |")
     ratios = []
     for lv in levels:
         d = [x for x in res["by_loss"]["dapo"]["steps_to"][str(lv)] if x is not None]
         c = [x for x in res["by_loss"]["cispo"]["steps_to"][str(lv)] if x is not None]
         if d and c and len(d) == len(c) == len(res["by_loss"]["dapo"]["steps_to"][str(lv)]):
-            ratios.append(f"{lv:.0%}: {np.mean(d) / np.mean(c):.2f}")
+            ratios.append(f"{lv:.1%}: {np.mean(d) / np.mean(c):.2f}")
         else:
-            ratios.append(f"{lv:.0%}: n/a (not every seed reached it: dapo {len(d)}, cispo {len(c)})")
-    lines += ["", "DAPO/CISPO step ratio (mean steps to reach each pass rate): " + "; ".join(ratios) + "."]
+            ratios.append(f"{lv:.1%}: n/a (not every seed reached it: dapo {len(d)}, cispo {len(c)})")
+    lines += ["", "DAPO/CISPO step ratio (mean steps to reach each pass rate): " + "; ".join(ratios) + ".",
+              "", f"Each pass rate is measured on n = {eval_n} held-out problems (95% Wilson half-width about "
+              f"{1.96 * math.sqrt(start * (1 - start) / eval_n):.1%} at the start)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -156,7 +159,7 @@ def main() -> None:
                               updates_per_step=args.updates, lr=args.lr, eval_every=args.eval_every,
                               eval_n=args.eval_n, progress=False))
             print(f"{name}: {time.time() - t:.0f} s", flush=True)
-    report(out, runs, args.prompts * args.group)
+    report(out, runs, args.prompts * args.group, args.eval_n)
     print(f"total {time.time() - t0:.0f} s")
 
 
