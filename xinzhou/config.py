@@ -144,7 +144,7 @@ def preset(name: str, **overrides: object) -> ModelConfig:
                     num_kv_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0, num_experts=4,
                     experts_per_token=2, expert_dim=128, block_size=64, **_deepnorm(4))
     elif name == "small":
-        # the 306.8M shape of ../shared/anchors (transformers' MiniMaxForCausalLM benchmark)
+        # the 306.8M shape of the transformers MiniMaxForCausalLM anchor in benchmarks/RESULTS.md
         base = dict(vocab_size=32000, hidden_size=1024, layer_types=_pattern("LLLLLLLS"), num_heads=16,
                     num_kv_heads=8, head_dim=64, rotary_dim=64, rope_theta=1e6, num_experts=8,
                     experts_per_token=2, expert_dim=1024, **_deepnorm(8))

@@ -186,7 +186,7 @@ class Bash(Tool):
         self.ws, self.timeout_s, self.max_output = workspace, timeout_s, max_output
 
     def execute(self, command: str) -> ToolResult:
-        # its own session: on timeout the whole group (children, pipes, background jobs) is killed
+        # a new process session: on timeout the whole group (children, pipes, background jobs) is killed
         proc = subprocess.Popen(["bash", "-c", command], cwd=self.ws.root, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                 text=True, errors="replace")
