@@ -1,6 +1,6 @@
 """Whole-model speed: xinzhou vs transformers' MiniMaxForCausalLM, same config and weights, one process.
 
-The `small` preset (306.8M params, the shape of ../shared/anchors) is built as an XinzhouLM, written
+The `small` preset (306.8M params, the shape of the anchors in RESULTS.md) is built as an XinzhouLM, written
 with `save_hf` and read back by `transformers.AutoModelForCausalLM.from_pretrained`. Both run in
 fp32 first: their logits must agree (max |diff| printed; the run stops if they do not), then both
 are cast to bf16 (a bf16 model, no autocast; AdamW states are bf16 too) and timed:

@@ -1,6 +1,6 @@
 """MoE block speed: xinzhou vs transformers' MiniMax sparse MoE block vs a bare grouped_mm floor, one process.
 
-Shape (../shared/anchors): N = 8192 tokens, hidden C = 1024, E = 8 experts, top K = 2, expert width
+Shape (the anchors in RESULTS.md): N = 8192 tokens, hidden C = 1024, E = 8 experts, top K = 2, expert width
 F = 1024, bf16 weights and activations. Each row times the forward (no grad) and the forward +
 backward (gradients of the input and of every weight) of one MoE block on the same input:
 
