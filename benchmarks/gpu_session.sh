@@ -28,13 +28,13 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
     echo "usage: bash benchmarks/gpu_session.sh OUTDIR [--smoke]" >&2
     exit 2
 fi
-OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "gpu_session.sh: cannot create $1" >&2; exit 2; }
+RUN_DIR=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "gpu_session.sh: cannot create $1" >&2; exit 2; }
 SMOKE=0
 [ "${2:-}" = "--smoke" ] && SMOKE=1
 PY=${PYTHON:-python3}
 TOTAL=${GPU_SESSION_SECONDS:-540}
 BENCH_MODEL_ARGS=${BENCH_MODEL_ARGS---quick}  # set but empty: the full plan
-LOG=$OUT/session.log
+LOG=$RUN_DIR/session.log
 : >"$LOG"
 FAILED=0
 SUMMARY=()
@@ -79,9 +79,9 @@ fi
 # 1. fla wheels, for machines without network access (see benchmarks/RESULTS.md)
 if compgen -G ".whl/*.whl" >/dev/null; then
     log "installing wheels from .whl/: $(cd .whl && echo *.whl)"
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT/site" \
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$RUN_DIR/site" \
         .whl/*.whl 2>&1 | tee -a "$LOG"; then
-        export PYTHONPATH=$OUT/site${PYTHONPATH:+:$PYTHONPATH}
+        export PYTHONPATH=$RUN_DIR/site${PYTHONPATH:+:$PYTHONPATH}
     else
         log "WARNING: wheel install failed: fla columns will read n/a"
     fi
@@ -129,29 +129,29 @@ EOF
 # the kernel tests on CUDA, one launch config per kernel (autotuning every test shape would take minutes)
 step "pytest (kernels on CUDA)" 80 "$LOG" env XINZHOU_AUTOTUNE=0 "$PY" -m pytest -x -q \
     tests/test_lightning_triton.py tests/test_norm.py tests/test_cross_entropy.py tests/test_moe.py
-step "bench_lightning ${LIGHTNING_ARGS[*]}" 180 "$OUT/bench_lightning.log" \
-    "$PY" benchmarks/bench_lightning.py "${LIGHTNING_ARGS[@]}" --out "$OUT/bench_lightning.json"
-step "bench_moe ${MOE_ARGS[*]}" 60 "$OUT/bench_moe.log" \
-    "$PY" benchmarks/bench_moe.py "${MOE_ARGS[@]}" --out "$OUT/bench_moe.json"
-step "bench_ops" 40 "$LOG" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}" --out "$OUT/bench_ops.json"
-step "bench_model ${MODEL_ARGS[*]}" 160 "$OUT/bench_model.log" \
-    "$PY" benchmarks/bench_model.py "${MODEL_ARGS[@]}" --out "$OUT/bench_model.json"
+step "bench_lightning ${LIGHTNING_ARGS[*]}" 180 "$RUN_DIR/bench_lightning.log" \
+    "$PY" benchmarks/bench_lightning.py "${LIGHTNING_ARGS[@]}" --out "$RUN_DIR/bench_lightning.json"
+step "bench_moe ${MOE_ARGS[*]}" 60 "$RUN_DIR/bench_moe.log" \
+    "$PY" benchmarks/bench_moe.py "${MOE_ARGS[@]}" --out "$RUN_DIR/bench_moe.json"
+step "bench_ops" 40 "$LOG" "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}" --out "$RUN_DIR/bench_ops.json"
+step "bench_model ${MODEL_ARGS[*]}" 160 "$RUN_DIR/bench_model.log" \
+    "$PY" benchmarks/bench_model.py "${MODEL_ARGS[@]}" --out "$RUN_DIR/bench_model.json"
 
 # summary: the tables again, last, so the end of the output holds them
 {
     echo
     echo "=================== summary (${SECONDS}s) ==================="
     for s in "${SUMMARY[@]}"; do echo "$s"; done
-    if [ -f "$OUT/bench_lightning.log" ]; then
+    if [ -f "$RUN_DIR/bench_lightning.log" ]; then
         echo "--- lightning (times ms; decode us)"
-        grep -E '^(relative error|peak bf16|B=|decode )' "$OUT/bench_lightning.log"
+        grep -E '^(relative error|peak bf16|B=|decode )' "$RUN_DIR/bench_lightning.log"
     fi
-    [ -f "$OUT/bench_moe.log" ] && echo "--- moe" && sed -n '/^MoE block/,/^wrote/p' "$OUT/bench_moe.log"
+    [ -f "$RUN_DIR/bench_moe.log" ] && echo "--- moe" && sed -n '/^MoE block/,/^wrote/p' "$RUN_DIR/bench_moe.log"
     echo "--- fused ops" && grep -E '^(rms_norm|cross_entropy|swiglu) ' "$LOG"
-    if [ -f "$OUT/bench_model.log" ]; then
+    if [ -f "$RUN_DIR/bench_model.log" ]; then
         echo "--- model"
-        grep -E '^(logits|peak bf16|train |prefill |decode )' "$OUT/bench_model.log"
+        grep -E '^(logits|peak bf16|train |prefill |decode )' "$RUN_DIR/bench_model.log"
     fi
-    echo "files in $OUT: $(cd "$OUT" && ls -p | grep -v / | tr '\n' ' ')"
+    echo "files in $RUN_DIR: $(cd "$RUN_DIR" && ls -p | grep -v / | tr '\n' ' ')"
 } 2>&1 | tee -a "$LOG"
 exit "$FAILED"

@@ -15,6 +15,7 @@ its protocol's request, sending the model's earlier thinking back in that protoc
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from dataclasses import dataclass, field
@@ -75,7 +76,9 @@ def _get(obj: Any, name: str) -> Any:
     return v
 
 
-class Client:
+class Client(abc.ABC):
+    """What the agent loop needs of an endpoint: one assistant turn for a history and tools."""
+
     protocol = ""
 
     def __init__(self, base_url: str, model: str, api_key: str = "none", keep_thinking: bool = True,
@@ -83,8 +86,9 @@ class Client:
         self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
         self.keep_thinking, self.max_tokens, self.temperature, self.timeout = keep_thinking, max_tokens, temperature, timeout
 
+    @abc.abstractmethod
     def complete(self, history: History, tools: list[dict], system: str | None = None) -> Turn:
-        raise NotImplementedError
+        """The model's next turn, with the history sent in this protocol's own form."""
 
 
 class ChatCompletionsClient(Client):

@@ -18,6 +18,7 @@ Trust model (enforced here, stated in the README):
 
 from __future__ import annotations
 
+import abc
 import ast
 import json
 import operator
@@ -49,7 +50,7 @@ def cap(text: str, limit: int = MAX_OUTPUT) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
 
 
-class Tool:
+class Tool(abc.ABC):
     """A tool: `name`, `description`, `parameters` (a JSON object schema) and `execute`."""
 
     name: str = ""
@@ -78,8 +79,9 @@ class Tool:
         except (OSError, ValueError, ArithmeticError, RecursionError) as e:
             return ToolResult(False, f"error: {type(e).__name__}: {e}")
 
+    @abc.abstractmethod
     def execute(self, **arguments: Any) -> ToolResult:
-        raise NotImplementedError
+        """Run with arguments already checked against `parameters`; raise ToolError for the model to read."""
 
 
 class ToolError(Exception):

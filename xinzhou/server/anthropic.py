@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad, check_tools,
-                                    collect, events,
-                                    field_of, new_id, prompt_ids, sampling, stop_list)
+                                    collect, events, field_of, function_tool, new_id, prompt_ids, sampling,
+                                    stop_list)
 from xinzhou.server.worker import EngineWorker
 
 
@@ -53,8 +53,7 @@ def _tools(raw: Any) -> list[dict] | None:
         schema = t.get("input_schema", {"type": "object", "properties": {}})
         if not isinstance(schema, dict) or schema.get("type", "object") != "object":
             raise bad(f"tools[{i}].input_schema: expected an object schema", f"tools[{i}].input_schema")
-        out.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
-                                                     "parameters": schema}})
+        out.append(function_tool(t["name"], t.get("description"), schema))
     return check_tools(out)
 
 

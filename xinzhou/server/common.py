@@ -44,6 +44,12 @@ def field_of(body: Mapping[str, Any], name: str, kinds: type | tuple[type, ...],
     return v
 
 
+def function_tool(name: Any, description: Any, parameters: Any) -> dict:
+    """A tool definition in the chat format's (OpenAI) shape, from any protocol's fields."""
+    return {"type": "function", "function": {"name": name, "description": description or "",
+                                             "parameters": parameters or {"type": "object", "properties": {}}}}
+
+
 def check_tools(tools: Any, param: str = "tools") -> list[dict] | None:
     if tools is None:
         return None

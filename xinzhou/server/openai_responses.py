@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad, check_tools,
-                                    collect, events, field_of, new_id, prompt_ids, sampling)
+                                    collect, events, field_of, function_tool, new_id, prompt_ids, sampling)
 from xinzhou.server.worker import EngineWorker
 
 
@@ -105,8 +105,7 @@ def _tools(raw: Any) -> list[dict] | None:
         if not isinstance(t, dict) or t.get("type") != "function":
             raise bad(f"tools[{i}]: only function tools are supported, got type {t.get('type') if isinstance(t, dict) else t!r}",
                       f"tools[{i}]")
-        out.append({"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
-                                                     "parameters": t.get("parameters") or {"type": "object", "properties": {}}}})
+        out.append(function_tool(t.get("name"), t.get("description"), t.get("parameters")))
     return check_tools(out)
 
 

@@ -9,11 +9,12 @@ PAGE = """<!doctype html>
 <style>
 body{font-family:system-ui,sans-serif;max-width:48rem;margin:2rem auto;padding:0 1rem}
 #log div{margin:.5rem 0;white-space:pre-wrap}.user{font-weight:600}.think{color:#888;font-size:.9em}
-form{display:flex;gap:.5rem}#msg{flex:1;padding:.5rem}#key{width:10rem}
+form{display:flex;gap:.5rem}form label{display:flex;gap:.3rem;align-items:center}
+form label:first-child{flex:1}#msg{flex:1;padding:.5rem}#key{width:10rem}
 </style></head><body>
 <h3>xinzhou <small id="model"></small></h3>
 <div id="log"></div>
-<form id="f"><input id="msg" placeholder="Message" autofocus><input id="key" placeholder="API key (if any)">
+<form id="f"><label>Message <input id="msg" autofocus></label><label>API key (if the server has one) <input id="key"></label>
 <button>Send</button></form>
 <script>
 const log = document.getElementById("log"), history = [];

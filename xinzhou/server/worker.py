@@ -164,7 +164,9 @@ class EngineWorker:
 
     def _filter(self, job: _Job, text: str) -> str:
         """Content with the stop strings cut: nothing from the first one on is emitted; a tail that
-        could begin one is held back until it is decided."""
+        could begin one is held back until it is decided. Not the engine's stop_strings: those match
+        all decoded text, thinking included, while a client's `stop` is about the answer, and only
+        the parser (here) knows where the thinking ends."""
         if job.stopped or not job.stop_strings:
             return "" if job.stopped else text
         buf = job.held + text
