@@ -227,12 +227,8 @@ def make_prefill(ids: torch.Tensor, is_hf: bool, device: torch.device) -> Callab
         def prefill() -> None:
             if is_hf:
                 model(input_ids=x, use_cache=False, logits_to_keep=1)
-            else:  # the hook keeps the last position of the final norm's output, so the head sees one token
-                handle = model.norm.register_forward_hook(lambda mod, inp, out: out[:, -1:])
-                try:
-                    model(x)
-                finally:
-                    handle.remove()
+            else:  # the head sees the last position only, as transformers' logits_to_keep=1
+                model(x, last_logits_only=True)
         return prefill
     return make
 
