@@ -15,10 +15,12 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from xinzhou.chat_format import (
+    CallGuide,
     ContentDelta,
     ParsedMessage,
     ReasoningDelta,
     StreamParser,
+    ToolCallArgs,
     ToolCallEnd,
     ToolCallError,
     ToolCallStart,
@@ -383,6 +385,35 @@ def test_streaming_second_tool_call(tok: Tokenizer) -> None:
         assert not [e for e in events if isinstance(e, ContentDelta)]
 
 
+def test_arguments_stream_one_parameter_at_a_time(tok: Tokenizer) -> None:
+    gen = ('r</think>\n\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">'
+           'Z\u00fcrich</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n</minimax:tool_call>')
+    ids = _markup_ids(tok, gen)
+    events = _stream_ids(tok, ids, list(range(len(ids))), TOOLS)
+    kinds = [type(e).__name__ for e in events if not isinstance(e, ReasoningDelta)]
+    assert kinds == ["ToolCallStart", "ToolCallArgs", "ToolCallArgs", "ToolCallArgs", "ToolCallEnd"]
+    pieces = [e.delta for e in events if isinstance(e, ToolCallArgs)]
+    assert pieces == ['{"city": "Z\u00fcrich"', ', "days": 3', "}"]  # typed by the schema
+    end = events[-1]
+    assert "".join(pieces) == json.dumps(end.arguments, ensure_ascii=False)
+    # the first piece arrives before the second value is written
+    cut = gen.index("3</parameter>")
+    p = StreamParser(TOOLS)
+    early = p.feed_marker("</think>") + p.feed_text(gen[len("r</think>"):cut].split("<minimax:tool_call>")[0])
+    early += p.feed_marker("<minimax:tool_call>") + p.feed_text(gen[gen.index("\n<invoke"):cut])
+    assert [e.delta for e in early if isinstance(e, ToolCallArgs)] == ['{"city": "Z\u00fcrich"']
+
+
+def test_a_parameter_given_twice_fails_the_call(tok: Tokenizer) -> None:
+    gen = ('r</think>\n\n<minimax:tool_call>\n<invoke name="search">\n<parameter name="query">a'
+           '</parameter>\n<parameter name="query">b</parameter>\n</invoke>\n</minimax:tool_call>')
+    p = _parse(tok, gen, TOOLS)
+    assert p.tool_calls == [] and p.errors == ["tool call 'search': parameter 'query' given twice"]
+    events = _stream_ids(tok, _markup_ids(tok, gen), [], TOOLS)
+    args = [e.delta for e in events if isinstance(e, ToolCallArgs)]
+    assert args == ['{"query": "a"', "}"]  # what was streamed is closed as an object
+
+
 def test_reasoning_only_and_truncated_thinking(tok: Tokenizer) -> None:
     assert _key(_parse(tok, "just thinking\n</think>\n\n")) == ("just thinking", "", [], [])
     assert _key(_parse(tok, "cut off mid-thou")) == ("cut off mid-thou", "", [], [])
@@ -731,11 +762,47 @@ def test_adversarial_markup_never_crashes_and_streaming_matches_batch(
     if with_tools:
         assert all(c["function"]["name"] == "f" for c in batch.tool_calls)
     open_calls: set[int] = set()
+    streamed: dict[int, str] = {}
     for e in events:  # a call ends or fails only after it started, once
         if isinstance(e, ToolCallStart):
             assert e.name and e.id and e.index not in open_calls
             open_calls.add(e.index)
+            streamed[e.index] = ""
+        elif isinstance(e, ToolCallArgs):
+            assert e.index in open_calls
+            streamed[e.index] += e.delta
         elif isinstance(e, ToolCallEnd) or (isinstance(e, ToolCallError) and e.index is not None):
             open_calls.remove(e.index)  # type: ignore[arg-type]
+            # what was streamed is a JSON object; for a call that ended, exactly its arguments
+            assert isinstance(json.loads(streamed[e.index]), dict)
+            if isinstance(e, ToolCallEnd):
+                assert streamed[e.index] == json.dumps(e.arguments, ensure_ascii=False)
     assert not open_calls
     assert isinstance(batch.content, str) and isinstance(batch.reasoning, str)
+
+
+@pytest.mark.parametrize("name", [None, "search"])
+def test_call_guide_forces_the_call_opening_the_template_writes(tok: Tokenizer, name: str | None) -> None:
+    g = CallGuide(tok, name)
+    close, call_open, call_close, eos = (tok.special_id(m) for m in (
+        "</think>", "<minimax:tool_call>", "</minimax:tool_call>", EOS))
+    want = "\n\n\n<minimax:tool_call>" + ('\n<invoke name="search">\n' if name else "")
+    assert tok.decode(g.forced) == want
+    # the forced ids are the ids a rendered call turn has there: the model sees its training format
+    rendered = render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        _call("search", {"query": "x y"})]}], tok).ids
+    after = rendered[rendered.index(close) + 1:]
+    assert after[:len(g.forced)] == g.forced
+    thinking = tok.encode("let me look")
+    assert g(thinking) == (None, g._ends) and eos in g._ends  # thinking must be closed first
+    out = thinking + [close]
+    for k, want_id in enumerate(g.forced):
+        assert g(out) == (want_id, ())
+        out.append(want_id)
+    rest = after[len(g.forced):after.index(call_close) + 1]  # what the model writes
+    for t in rest:
+        assert g(out) == (None, g._ends)  # no end of turn inside the call
+        out.append(t)
+    assert g(out) == (None, ())  # after </minimax:tool_call>: free
+    p = parse_ids(out + [eos], tok, TOOLS)
+    assert _key(p) == ("let me look", "", [("search", {"query": "x y"})], [])

@@ -273,3 +273,37 @@ def test_a_32k_prompt_prefills_in_chunks_with_constant_lightning_state():
     # chunking changes nothing but float rounding
     assert [t for t, _ in results[0]] == [t for t, _ in results[1]]
     assert results[0][0][1] == pytest.approx(results[1][0][1], abs=1e-4)
+
+
+def test_a_guide_forces_and_bans_tokens_and_the_rest_is_greedy(model):
+    """Forced tokens come out as given; banned ids never appear; every other token is the greedy
+    choice of the model over the banned-masked logits, with the forced tokens in the context."""
+    prompt = [5, 9, 2, 7]
+    free = naive_greedy(model, prompt, 12)
+    banned = (free[0], free[1])  # the tokens it would pick: the ban must change the output
+    forced = {2: 33, 3: 34}  # output positions -> forced ids
+
+    def guide(output):
+        return forced.get(len(output)), banned
+
+    engine = Engine(model, max_batch=2)
+    other = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=12))  # a neighbour, unguided
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=12), guide=guide)
+    tokens = {other: [], rid: []}
+    while engine.has_work():
+        for e in engine.step():
+            if isinstance(e, Token):
+                tokens[e.request_id].append(e.token_id)
+    out = tokens[rid]
+    assert [out[k] for k in forced] == list(forced.values())
+    assert not set(banned) & {t for k, t in enumerate(out) if k not in forced}
+    with torch.no_grad():  # the reference: masked greedy over the full sequence, step by step
+        ids = list(prompt)
+        for k in range(12):
+            logits = model(torch.tensor([ids]))[0, -1]
+            logits[list(banned)] = float("-inf")
+            ids.append(forced.get(k, int(logits.argmax())))
+    assert out == ids[len(prompt):]
+    assert tokens[other] == naive_greedy(model, [1, 2, 3], 12)  # its neighbour is untouched
+    with pytest.raises(ValueError, match="guide"):
+        engine.add_request(prompt, SamplingParams(), guide=[1, 2])

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from xinzhou import tasks
-from xinzhou.chat_format import parse_ids, render
-from xinzhou.engine import SamplingConfig, generate
+from xinzhou.chat_format import CallGuide, parse_ids, render
+from xinzhou.engine import Engine, SamplingConfig, SamplingParams, Token, generate
 from xinzhou.hf import load_hf
 from xinzhou.tasks.tools import TOOLS
 
@@ -43,6 +43,24 @@ def oracle(served):
     def run(messages, tools=None, max_tokens=48):
         ids = render(messages, tok, tools=tools, add_generation_prompt=True).ids
         out = generate(model, [ids], SamplingConfig(max_new_tokens=max_tokens, stop_ids=(tok.eos_id,)))[0].ids
+        return parse_ids(out[:-1] if out and out[-1] == tok.eos_id else out, tok, tools=tools)
+    return run
+
+
+@pytest.fixture(scope="module")
+def guided(served):
+    """The engine's greedy answer with a tool call forced (CallGuide), on a separate copy of the model."""
+    model = load_hf(served.ckpt).eval()
+    tok = served.tokenizer
+
+    def run(messages, tools, name=None, max_tokens=64):
+        ids = render(messages, tok, tools=tools, add_generation_prompt=True).ids
+        engine = Engine(model, tok, max_batch=1)
+        engine.add_request(ids, SamplingParams(max_new_tokens=max_tokens, stop_ids=(tok.eos_id,)),
+                           guide=CallGuide(tok, name))
+        out = []
+        while engine.has_work():
+            out += [e.token_id for e in engine.step() if isinstance(e, Token)]
         return parse_ids(out[:-1] if out and out[-1] == tok.eos_id else out, tok, tools=tools)
     return run
 
@@ -274,3 +292,120 @@ async def test_api_key_is_required_on_every_route_but_health(served):
                              http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app)))
     with pytest.raises(openai.AuthenticationError):
         await sdk.models.list()
+
+
+def _chat_stream(oc, **kw):
+    """(the order of tool-call chunk kinds, per call index the concatenated arguments, finish)."""
+    order, args, finish = [], {}, None
+    for c in oc.chat.completions.create(model="xz-test", stream=True, **GREEDY, **kw):
+        if not c.choices:
+            continue
+        finish = c.choices[0].finish_reason or finish
+        for tc in c.choices[0].delta.tool_calls or []:
+            if tc.id:
+                order.append(("header", tc.index, tc.function.name))
+            if tc.function.arguments:
+                order.append(("args", tc.index))
+                args[tc.index] = args.get(tc.index, "") + tc.function.arguments
+    return order, args, finish
+
+
+def test_tool_calls_stream_header_first_then_one_delta_per_parameter(oc, calling_question):
+    question, want = calling_question
+    messages = [{"role": "user", "content": question}]
+    r = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, **GREEDY)
+    final = r.choices[0].message.tool_calls[0].function
+    order, args, finish = _chat_stream(oc, messages=messages, tools=TOOLS, max_tokens=64)
+    n_params = len(want.tool_calls[0]["function"]["arguments"])
+    assert order[0] == ("header", 0, final.name)
+    assert order[1:n_params + 2] == [("args", 0)] * (n_params + 1)  # each parameter, then the closing brace
+    assert args[0] == final.arguments and finish == "tool_calls"  # the very same string
+
+
+def test_a_call_cut_off_by_max_tokens_is_closed_with_finish_length(served, oc, ac, calling_question):
+    question, _ = calling_question
+    messages = [{"role": "user", "content": question}]
+    ids = render(messages, served.tokenizer, tools=TOOLS, add_generation_prompt=True).ids
+    full = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, **GREEDY)
+    # the first cut at which the call's header has streamed but the call is not complete
+    for cut in range(4, full.usage.completion_tokens):
+        order, args, finish = _chat_stream(oc, messages=messages, tools=TOOLS, max_tokens=cut)
+        if order and order[0][0] == "header":
+            break
+    else:
+        pytest.fail("no cut left the call open")
+    assert finish == "length" and isinstance(json.loads(args[0]), dict)  # closed, valid JSON
+    cut_msg = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=cut, **GREEDY)
+    assert cut_msg.choices[0].finish_reason == "length" and not cut_msg.choices[0].message.tool_calls
+    with ac.messages.stream(model="xz-test", max_tokens=cut, messages=messages, tools=ANTHROPIC_TOOLS,
+                            extra_body=GREEDY) as s:
+        kinds = [e.type for e in s]
+        m = s.get_final_message()
+    assert kinds[-1] == "message_stop" and m.stop_reason == "max_tokens"
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop")
+    assert len(ids) == m.usage.input_tokens
+
+
+def test_forced_tool_choice_in_every_protocol(served, oc, ac, guided, calling_question):
+    """Each protocol's forced call is the engine's greedy output under CallGuide. "required" lets
+    the model pick (here it writes a good call); naming the tool it would not pick makes it open a
+    call to that one (the tiny model then writes the other tool's parameters, which the parser
+    reports: forcing opens the call, it does not invent arguments)."""
+    question, want = calling_question
+    messages = [{"role": "user", "content": question}]
+    picked = want.tool_calls[0]["function"]["name"]
+    other = next(t["function"]["name"] for t in TOOLS if t["function"]["name"] != picked)
+    for name in (None, other):
+        ref = guided(messages, TOOLS, name)
+        ref_calls = [(c["function"]["name"], c["function"]["arguments"]) for c in ref.tool_calls]
+        if name is None:
+            assert ref_calls and not ref.errors
+        chat_choice = "required" if name is None else {"type": "function", "function": {"name": name}}
+        chat = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, **GREEDY,
+                                          tool_choice=chat_choice, extra_body={"reasoning_split": True})
+        msg = chat.choices[0].message
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls or []] == ref_calls
+        assert msg.content == ref.content
+        order, _, _ = _chat_stream(oc, messages=messages, tools=TOOLS, max_tokens=64, tool_choice=chat_choice)
+        assert order[0] == ("header", 0, name or picked)  # the forced call opens first, to the named tool
+        resp = oc.responses.create(model="xz-test", input=question, tools=RESPONSES_TOOLS, store=False, **GREEDY,
+                                   max_output_tokens=64,
+                                   tool_choice="required" if name is None else {"type": "function", "name": name})
+        assert [(o.name, json.loads(o.arguments)) for o in resp.output if o.type == "function_call"] == ref_calls
+        m = ac.messages.create(model="xz-test", max_tokens=64, messages=messages, tools=ANTHROPIC_TOOLS,
+                               extra_body=GREEDY,
+                               tool_choice={"type": "any"} if name is None else {"type": "tool", "name": name})
+        assert [(b.name, b.input) for b in m.content if b.type == "tool_use"] == ref_calls
+    with pytest.raises(openai.BadRequestError, match="not among the request's tools"):
+        oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=8,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(anthropic.BadRequestError, match="has no tools"):
+        ac.messages.create(model="xz-test", max_tokens=8, messages=messages, tool_choice={"type": "any"})
+
+
+def test_responses_custom_tool_round_trip(served, oc, calling_question):
+    """A free-form tool (Codex's apply_patch kind): the model sees a function of one string; the
+    client gets custom_tool_call items, and sends custom_tool_call(_output) back."""
+    question, want = calling_question
+    name = want.tool_calls[0]["function"]["name"]  # a tool this model knows how to reach for
+    tools = [{"type": "custom", "name": name, "description": "Look it up.",
+              "format": {"type": "grammar", "syntax": "regex", "definition": "[a-z0-9 ]+"}}]
+    with oc.responses.stream(model="xz-test", input=question, tools=tools, store=False, tool_choice="required",
+                             max_output_tokens=64, **GREEDY) as s:
+        events = list(s)
+    final = events[-1].response  # response.completed, or response.incomplete if max_output_tokens cut the answer
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    call = next(o for o in final.output if o.type == "custom_tool_call")
+    assert call.name == name and isinstance(call.input, str) and call.input
+    done = next(e for e in events if e.type == "response.custom_tool_call_input.done")
+    assert done.input == call.input and done.item_id == call.id
+    assert "".join(e.delta for e in events if e.type == "response.custom_tool_call_input.delta") == call.input
+    n = len(served.prompts)
+    items = [{"type": "message", "role": "user", "content": question},
+             {"type": "custom_tool_call", "call_id": call.call_id, "name": name, "input": call.input},
+             {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "84"}]
+    back = oc.responses.create(model="xz-test", input=items, tools=tools, store=False, max_output_tokens=8, **GREEDY)
+    assert back.status in ("completed", "incomplete")
+    sent = served.tokenizer.decode(served.prompts[n])
+    assert f'<invoke name="{name}">' in sent and "<response>84</response>" in sent
+    assert "must match this regex grammar" in sent  # the grammar reaches the model as text

@@ -53,8 +53,11 @@ order of precedence:
   `</minimax:tool_call>`) inside a string survives.
 - Values are converted with the tool's JSON schema (strings raw, everything else JSON); a
   parameter the schema does not describe, or any parameter when `tools` is None, stays a string.
-- Failures never raise: a call to a tool not in `tools`, an unterminated or malformed call is
-  reported as a `ToolCallError` event (`ParsedMessage.errors`), dropped from `tool_calls`, and
+- A call streams as it is generated: `ToolCallStart` once its `<invoke name=...>` tag has parsed
+  (for a tool in `tools`), a `ToolCallArgs` JSON piece per parameter as each value completes,
+  the closing brace, then `ToolCallEnd` with the typed arguments.
+- Failures never raise: a call to a tool not in `tools`, an unterminated or malformed call, or a
+  parameter given twice is reported as a `ToolCallError` event (`ParsedMessage.errors`), dropped from `tool_calls`, and
   its raw text is given back as content.
 Text is decoded with `tokenizer.IncrementalDecoder`, so a character split across tokens is never
 broken. `parse_markup` parses text in which every marker spelling is structure: for hand-written
@@ -64,7 +67,7 @@ examples and tests only, never for model output.
     r = render(messages, tok, tools=tools, add_generation_prompt=True)   # r.ids, r.loss_mask
     msg = parse_ids(generated_ids, tok, tools=tools)                     # .reasoning/.content/...
     p = StreamParser(tools, tokenizer=tok)                               # while generating:
-    events = p.feed_ids([token_id])   # per new token: ReasoningDelta, ContentDelta, ToolCall...
+    events = p.feed_ids([token_id])   # per new token: ReasoningDelta, ContentDelta, ToolCall*
     events = p.finish()               # at the end: what was held back, unterminated calls
 
 Tests: `python -m pytest tests/test_chat_format.py -q`.
@@ -315,6 +318,54 @@ def _value_text(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
 
 
+class CallGuide:
+    """Makes generation call a tool (tool_choice "required", or one named function): the engine
+    asks it before each token (`Engine.add_request(..., guide=CallGuide(tok, name))`).
+
+    While the model thinks, the end of the turn is banned, so it has to close its thinking; right
+    after `</think>` the guide forces the tokens the chat format writes before a call with no
+    content: the separators, `<minimax:tool_call>` and, for a named function, its `<invoke
+    name="...">` line. The model writes the parameters; the end of the turn stays banned until
+    `</minimax:tool_call>`. The arguments are not constrained: the parser checks the call as any
+    other, so a model that writes a malformed call still gets it reported, never invented.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, name: str | None = None) -> None:
+        self._think_close = tokenizer.special_id(THINK_CLOSE)
+        self._call_close = tokenizer.special_id(TOOL_CALL_CLOSE)
+        self._ends = tuple(tokenizer.special_id(m) for m in sorted(_END_MARKERS))
+        self.forced = self._prefix(tokenizer, name)
+
+    @staticmethod
+    def _prefix(tok: Tokenizer, name: str | None) -> list[int]:
+        """The ids a rendered call turn has after `</think>`, up to where the model takes over."""
+        def after_think(args: dict[str, Any]) -> list[int]:
+            call = {"type": "function", "function": {"name": name or "f", "arguments": args}}
+            ids = render([{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": [call]}],
+                         tok).ids
+            return ids[ids.index(tok.special_id(THINK_CLOSE)) + 1:]
+        a, b = after_think({}), after_think({"k": "v"})
+        n = 0  # the common prefix: tokens that do not depend on what the model writes next
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        ids = a[:n]
+        if name is None:  # up to and including <minimax:tool_call>: the model picks the tool
+            ids = ids[: ids.index(tok.special_id(TOOL_CALL_OPEN)) + 1]
+        return ids
+
+    def __call__(self, output: Sequence[int]) -> tuple[int | None, tuple[int, ...]]:
+        """(the token to force, or None; the ids banned) for the next token after `output`."""
+        if self._think_close not in output:
+            return None, self._ends
+        k = len(output) - output.index(self._think_close) - 1
+        if k < len(self.forced):
+            return self.forced[k], ()
+        if self._call_close in output[output.index(self._think_close) + 1 + len(self.forced):]:
+            return None, ()
+        return None, self._ends
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +389,15 @@ class ToolCallStart:
 
 
 @dataclass(frozen=True)
+class ToolCallArgs:
+    """A piece of the started call's arguments as JSON text: one per parameter as it completes,
+    then the closing brace (also when the call fails, so what was streamed is always a JSON
+    object). The pieces of a call that ends concatenate to json.dumps(arguments, ensure_ascii=False)."""
+    index: int
+    delta: str
+
+
+@dataclass(frozen=True)
 class ToolCallEnd:
     index: int
     id: str
@@ -351,7 +411,7 @@ class ToolCallError:
     message: str
 
 
-Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallEnd | ToolCallError
+Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgs | ToolCallEnd | ToolCallError
 
 
 @dataclass
@@ -659,7 +719,11 @@ class StreamParser:
             after = buf[k: k + _LOOKAHEAD]  # no copy of a long remainder
             # final and nothing after: the value ends right before the closing marker
             if after.startswith(_AFTER_PARAM) or (final and not after):
+                if any(name == self._param for name, _ in self._params):
+                    self._fail(f"parameter {self._param!r} given twice")
+                    return True
                 self._params.append((self._param, buf[:i]))
+                self._stream_param()
                 self._raw += buf[:j]
                 self._buf = buf[j:]
                 self._state = "invoke"
@@ -697,22 +761,39 @@ class StreamParser:
             self._emit(self._call)
         self._state = "invoke"
 
+    def _value(self, name: str, raw: str) -> Any:
+        props = (self._schemas or {}).get(self._call_name, {})
+        return value_from_text(raw, props.get(name) if self._schemas is not None else None)
+
+    def _stream_param(self) -> None:
+        """The JSON text of the parameter just parsed, as the started call's next piece."""
+        if self._call is None:
+            return
+        name, raw = self._params[-1]
+        sep = "{" if len(self._params) == 1 else ", "
+        piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(self._value(name, raw), ensure_ascii=False)
+        self._emit(ToolCallArgs(self._call.index, sep + piece))
+
+    def _close_args(self) -> None:
+        self._emit(ToolCallArgs(self._call.index, "}" if self._params else "{}"))
+
     def _end_call(self) -> None:
         self._state = "block"
         if self._call is None:
             self._emit(ToolCallError(None, f"call to unknown tool {self._call_name!r}"))
             self._emit(ContentDelta(self._raw))
             return
-        props = (self._schemas or {}).get(self._call_name, {})
-        args = {k: value_from_text(v, props.get(k) if self._schemas is not None else None)
-                for k, v in self._params}
+        args = {k: self._value(k, v) for k, v in self._params}
         c = self._call
+        self._close_args()
         self._emit(ToolCallEnd(c.index, c.id, c.name, args))
 
     def _fail(self, message: str) -> None:
         """Give up on the current call (if any): report it and re-read its text as content."""
         if self._state in ("invoke", "param"):
             index = self._call.index if self._call is not None else None
+            if self._call is not None:
+                self._close_args()
             self._emit(ToolCallError(index, f"tool call {self._call_name!r}: {message}"))
             self._buf = self._raw + self._buf
         else:

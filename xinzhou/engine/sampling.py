@@ -11,6 +11,7 @@ what was expected.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,11 @@ class SamplingParams:
             raise ValueError(f"seed = {self.seed!r}: must be an int or None")
         if not isinstance(self.logprobs, bool):
             raise ValueError(f"logprobs = {self.logprobs!r}: must be True or False")
+
+
+# Constrains one request's next token: given its output so far, (a token id to force or None,
+# token ids banned from the sample). Log-probs are still those of the raw distribution.
+Guide = Callable[[Sequence[int]], tuple[int | None, Sequence[int]]]
 
 
 # The batch-level name `generate` and `stream` have always taken; one class, so the checks are one.

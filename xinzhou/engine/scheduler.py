@@ -32,7 +32,7 @@ import torch
 from xinzhou.cache import HybridCache, cache_sizes
 from xinzhou.engine.logprobs import logprobs_of
 from xinzhou.engine.prefix import PrefixCache
-from xinzhou.engine.sampling import SamplingParams, check_prompt, sample_token, validate_stops
+from xinzhou.engine.sampling import Guide, SamplingParams, check_prompt, sample_token, validate_stops
 from xinzhou.model import XinzhouLM
 from xinzhou.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -78,6 +78,7 @@ class _Request:
     cached: int = 0  # of which restored from a snapshot
     output: list[int] = field(default_factory=list)
     decoder: IncrementalDecoder | None = None  # with a tokenizer
+    guide: Guide | None = None
     held: str = ""  # decoded text not yet emitted: it could be the start of a stop string
 
     @property
@@ -130,8 +131,11 @@ class Engine:
         self.prefill_tokens = 0  # prompt tokens computed (not restored), for tests and benchmarks
 
     # requests --------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Refused at once (ValueError) when it can never fit."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    guide: Guide | None = None) -> int:
+        """Queue a request; returns its id. Refused at once (ValueError) when it can never fit.
+        guide: called before each of its tokens with the output so far; returns (a token to force
+        or None, token ids banned from the sample), e.g. `chat_format.CallGuide`."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
@@ -145,7 +149,9 @@ class Engine:
         device = self.cache.device
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         gen = torch.Generator(device=device).manual_seed(seed)
-        req = _Request(self._next_id, prompt, params, gen)
+        if guide is not None and not callable(guide):
+            raise ValueError(f"guide: expected a callable, got {type(guide).__name__}")
+        req = _Request(self._next_id, prompt, params, gen, guide=guide)
         self._next_id += 1
         if self.tokenizer is not None:
             req.decoder = IncrementalDecoder(self.tokenizer)
@@ -212,12 +218,22 @@ class Engine:
         rows = torch.tensor([row for row, _ in sampling], device=device)
         logits = logits[rows]  # [M, V]
         greedy = logits.argmax(-1)  # [M]
-        chosen = [int(greedy[i]) if r.params.temperature == 0 else sample_token(logits[i], r.params, r.generator)
-                  for i, (_, r) in enumerate(sampling)]
+        chosen = [self._choose(r, logits[i], greedy[i]) for i, (_, r) in enumerate(sampling)]
         lps = logprobs_of(logits, torch.tensor(chosen, device=device)).tolist()
         for (_, r), tok, lp in zip(sampling, chosen, lps):
             self._emit(r, tok, lp, events)
         return events
+
+    def _choose(self, r: _Request, logits: torch.Tensor, greedy: torch.Tensor) -> int:
+        """The request's next token from its logits row [V]; a guide may force it or ban ids."""
+        if r.guide is not None:
+            forced, banned = r.guide(r.output)
+            if forced is not None:
+                return int(forced)
+            if banned:
+                logits = logits.index_fill(0, torch.tensor(list(banned), device=logits.device), float("-inf"))
+                greedy = logits.argmax()
+        return int(greedy) if r.params.temperature == 0 else sample_token(logits, r.params, r.generator)
 
     def _admit(self) -> None:
         """Waiting requests, first come first served, while a slot and their pages are free

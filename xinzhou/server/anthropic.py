@@ -6,7 +6,11 @@ a per-server key; a block coming back with a signature that does not verify is r
 without a signature is taken as the client's text), text, tool_use. `thinking` may be enabled,
 adaptive or disabled (an M2 model always thinks; disabled only hides the block). Streaming sends
 the exact event sequence: message_start, per block content_block_start / _delta / _stop,
-message_delta (stop_reason, usage), message_stop.
+message_delta (stop_reason, usage), message_stop. A tool_use block opens once the call's name has
+parsed and its input streams as `input_json_delta` pieces, one per parameter; a call that turns
+out malformed (or is cut off by max_tokens) is closed with the input that parsed and its text
+follows as a text block, as in the non-streamed reply. tool_choice `any` or `tool` forces the
+call's opening (chat_format.CallGuide); the model writes the input.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad, check_tools,
+from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallArgs, ToolCallEnd,
+                                    ToolCallError, ToolCallStart, bad, call_guide, check_tools,
                                     collect, events, field_of, function_tool, new_id, prompt_ids, sampling,
                                     stop_list)
 from xinzhou.server.worker import EngineWorker
@@ -125,16 +130,21 @@ def parse_request(worker: EngineWorker, body: dict, key: bytes) -> dict:
     choice = body.get("tool_choice") or {"type": "auto"}
     if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
         raise bad("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", "tool_choice")
+    forced: str | bool = False
     if choice["type"] == "none":
         tools = None
-    elif choice["type"] != "auto":
-        raise bad("tool_choice 'any' and 'tool' are not supported by this server (no constrained decoding); "
-                  "use 'auto'", "tool_choice")
+    elif choice["type"] == "any":
+        forced = True
+    elif choice["type"] == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise bad("tool_choice of type 'tool' needs the tool's 'name'", "tool_choice")
+        forced = choice["name"]
+    guide = call_guide(worker, tools, forced, "tool_choice")
     messages = to_messages(body, key)
     prompt = prompt_ids(worker, messages, tools)
     params = sampling(worker, prompt, max_tokens, field_of(body, "temperature", (int, float), None),
                       field_of(body, "top_p", (int, float), None), field_of(body, "top_k", int, None), None)
-    return dict(prompt=prompt, params=params, tools=tools, stops=stop_list(body.get("stop_sequences"), "stop_sequences"),
+    return dict(prompt=prompt, params=params, tools=tools, guide=guide, stops=stop_list(body.get("stop_sequences"), "stop_sequences"),
                 show_thinking=thinking["type"] != "disabled", stream=bool(field_of(body, "stream", bool, False)))
 
 
@@ -150,7 +160,7 @@ def _usage(done: Done) -> dict:
 
 
 async def complete(worker: EngineWorker, req: dict, model: str, key: bytes) -> dict:
-    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], req["stops"]))
+    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"]))
     content: list[dict] = []
     if req["show_thinking"] and g.reasoning:
         content.append({"type": "thinking", "thinking": g.reasoning, "signature": sign(key, g.reasoning)})
@@ -186,7 +196,7 @@ async def stream(worker: EngineWorker, req: dict, model: str, key: bytes) -> Asy
         return out
 
     try:
-        async for ev in events(worker, req["prompt"], req["params"], req["tools"], req["stops"]):
+        async for ev in events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"]):
             if isinstance(ev, ReasoningDelta):
                 if not req["show_thinking"]:
                     continue
@@ -207,16 +217,20 @@ async def stream(worker: EngineWorker, req: dict, model: str, key: bytes) -> Asy
                     open_kind = "text"
                     yield sse("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
                 yield sse("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": ev.text}})
-            elif isinstance(ev, ToolCallEnd):
+            elif isinstance(ev, ToolCallStart):
                 for s in close():
                     yield s
                 index += 1
-                calls += 1
+                open_kind = "tool_use"
                 yield sse("content_block_start", {"index": index, "content_block": {
                     "type": "tool_use", "id": ev.id.replace("call_", "toolu_", 1), "name": ev.name, "input": {}}})
-                yield sse("content_block_delta", {"index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": json.dumps(ev.arguments, ensure_ascii=False)}})
-                yield sse("content_block_stop", {"index": index})
+            elif isinstance(ev, ToolCallArgs):
+                yield sse("content_block_delta", {"index": index, "delta": {"type": "input_json_delta",
+                                                                               "partial_json": ev.delta}})
+            elif isinstance(ev, (ToolCallEnd, ToolCallError)) and open_kind == "tool_use":
+                calls += isinstance(ev, ToolCallEnd)
+                for s in close():
+                    yield s
             elif isinstance(ev, Done):
                 for s in close():
                     yield s

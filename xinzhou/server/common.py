@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xinzhou.chat_format import ContentDelta, ReasoningDelta, ToolCallEnd, ToolCallError, ToolCallStart, render
+from xinzhou.chat_format import (CallGuide, ContentDelta, ReasoningDelta, ToolCallArgs, ToolCallEnd, ToolCallError,
+                                 ToolCallStart, render)
 from xinzhou.engine import SamplingParams
-from xinzhou.schema import check_tool
+from xinzhou.schema import check_tool, function_of
 from xinzhou.server.worker import Done, EngineWorker
 
 
@@ -61,6 +62,18 @@ def check_tools(tools: Any, param: str = "tools") -> list[dict] | None:
     except ValueError as e:
         raise bad(f"invalid tool definition: {e}", param) from None
     return tools or None
+
+
+def call_guide(worker: EngineWorker, tools: list[dict] | None, forced: str | bool, param: str) -> CallGuide | None:
+    """The guide for a forced call: forced is False (auto), True (any tool) or a tool's name."""
+    if forced is False:
+        return None
+    names = [function_of(t, i)["name"] for i, t in enumerate(tools or [])]
+    if not names:
+        raise bad(f"'{param}' asks for a tool call, but the request has no tools", param)
+    if forced is not True and forced not in names:
+        raise bad(f"'{param}' names the tool {forced!r}, which is not among the request's tools {names}", param)
+    return CallGuide(worker.tokenizer, None if forced is True else forced)
 
 
 def prompt_ids(worker: EngineWorker, messages: list[dict], tools: list[dict] | None) -> list[int]:
@@ -117,10 +130,10 @@ class Generation:
 
 
 async def events(worker: EngineWorker, prompt: list[int], params: SamplingParams, tools: list[dict] | None,
-                 stops: tuple[str, ...]) -> AsyncIterator[object]:
-    """The generation's events (ReasoningDelta, ContentDelta, ToolCallStart/End/Error), then Done.
-    If the consumer goes away (a closed stream), the request is cancelled at once."""
-    job = worker.submit(prompt, params, tools, stops)
+                 stops: tuple[str, ...], guide: CallGuide | None = None) -> AsyncIterator[object]:
+    """The generation's events (ReasoningDelta, ContentDelta, ToolCallStart/Args/End/Error), then
+    Done. If the consumer goes away (a closed stream), the request is cancelled at once."""
+    job = worker.submit(prompt, params, tools, stops, guide)
     finished = False
     try:
         while True:

@@ -3,10 +3,13 @@ generation's events -> a `chat.completion` or a stream of `chat.completion.chunk
 
 Thinking is inline in `content` as `<think>...</think>` by default (as MiniMax's API returns it);
 with `reasoning_split: true` it is `reasoning_content` and `reasoning_details`. Thinking sent back
-in any of those forms goes into the prompt by the M2 rules (chat_format.render). Tool-call
-calls are streamed when each call has parsed (a malformed call is given back as content, so a
-header is never sent for a call that does not complete): the header, then the arguments as one
-JSON delta.
+in any of those forms goes into the prompt by the M2 rules (chat_format.render). Tool calls
+stream as they are generated: the header (id, name) once the `<invoke>` tag has parsed, then the
+arguments as JSON deltas, one per parameter, that concatenate to the final arguments. A call
+that turns out malformed, or is cut off by max_tokens, after its header went out is closed with
+the arguments that parsed; its text then follows as content, as in the non-streamed reply, which
+has no such call. tool_choice "required" or a named function forces the call's opening
+(chat_format.CallGuide); the model writes the arguments.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad,
-                                    check_tools, collect, events, field_of, new_id, prompt_ids, sampling, stop_list)
+from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallArgs, ToolCallEnd,
+                                    ToolCallStart, bad, call_guide, check_tools, collect, events, field_of, new_id, prompt_ids, sampling, stop_list)
 from xinzhou.server.worker import EngineWorker
 
 
@@ -50,14 +53,19 @@ def parse_request(worker: EngineWorker, body: dict) -> dict:
         raise bad(f"n = {n}: only n = 1 is supported", "n")
     tools = check_tools(body.get("tools"))
     choice = body.get("tool_choice", "auto")
+    forced: str | bool = False
     if choice == "none":
         tools = None
-    elif choice not in ("auto", "required") and not (isinstance(choice, dict) and choice.get("type") == "function"):
-        raise bad(f"tool_choice {choice!r}: expected 'auto', 'none', 'required' or a named function", "tool_choice")
+    elif choice == "required":
+        forced = True
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad("tool_choice: a named function is {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        forced = fn["name"]
     elif choice != "auto":
-        # forcing a call needs constrained decoding, which the engine does not do: refuse, never pretend
-        raise bad("tool_choice 'required' and named functions are not supported by this server; use 'auto'",
-                  "tool_choice")
+        raise bad(f"tool_choice {choice!r}: expected 'auto', 'none', 'required' or a named function", "tool_choice")
+    guide = call_guide(worker, tools, forced, "tool_choice")
     messages = _messages(body.get("messages"))
     prompt = prompt_ids(worker, messages, tools)
     max_tokens = field_of(body, "max_completion_tokens", int, None)
@@ -69,7 +77,7 @@ def parse_request(worker: EngineWorker, body: dict) -> dict:
                       field_of(body, "top_p", (int, float), None), extra_top_k, field_of(body, "seed", int, None),
                       logprobs)
     stream_options = body.get("stream_options") or {}
-    return dict(prompt=prompt, params=params, tools=tools, stops=stop_list(body.get("stop")),
+    return dict(prompt=prompt, params=params, tools=tools, guide=guide, stops=stop_list(body.get("stop")),
                 split=bool(body.get("reasoning_split", False)), stream=bool(field_of(body, "stream", bool, False)),
                 usage_in_stream=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
                 logprobs=logprobs)
@@ -100,7 +108,7 @@ def _logprobs(worker: EngineWorker, done: Done) -> dict:
 
 
 async def complete(worker: EngineWorker, req: dict, model: str) -> dict:
-    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], req["stops"]))
+    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"]))
     msg: dict[str, Any] = {"role": "assistant"}
     if req["split"]:
         msg["content"] = g.content
@@ -129,7 +137,7 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
     calls = 0
     thinking_open = False  # inline mode: "<think>\n" sent, "</think>" not yet
     try:
-        async for ev in events(worker, req["prompt"], req["params"], req["tools"], req["stops"]):
+        async for ev in events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"]):
             if isinstance(ev, ReasoningDelta):
                 if req["split"]:
                     yield chunk({"reasoning_content": ev.text,
@@ -144,13 +152,12 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
                 thinking_open = False
             if isinstance(ev, ContentDelta):
                 yield chunk({"content": ev.text})
-            elif isinstance(ev, ToolCallEnd):
-                # the header once the call has parsed (a malformed call becomes content instead),
-                # then its arguments
-                yield chunk({"tool_calls": [{"index": calls, "id": ev.id, "type": "function",
+            elif isinstance(ev, ToolCallStart):
+                yield chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
                                              "function": {"name": ev.name, "arguments": ""}}]})
-                yield chunk({"tool_calls": [{"index": calls, "function": {
-                    "arguments": json.dumps(ev.arguments, ensure_ascii=False)}}]})
+            elif isinstance(ev, ToolCallArgs):
+                yield chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.delta}}]})
+            elif isinstance(ev, ToolCallEnd):
                 calls += 1
             elif isinstance(ev, Done):
                 if thinking_open:

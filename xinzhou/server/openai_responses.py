@@ -3,11 +3,19 @@ CLI's way: `store: false`, no previous_response_id).
 
 Input items: message (user / assistant / system / developer; input_text / output_text parts),
 reasoning (its content or summary text goes back into the prompt as the turn's thinking),
-function_call, function_call_output. Output: reasoning, message and function_call items. The
+function_call, function_call_output, custom_tool_call, custom_tool_call_output. Tools: function
+tools, and free-form custom tools (Codex's apply_patch): the model sees a custom tool as a
+function with one string parameter, `input`, whose description carries the tool's grammar when
+it has one (the grammar is shown to the model, not enforced). tool_choice "required" or a named
+tool forces the call's opening (chat_format.CallGuide). Output: reasoning, message,
+function_call and custom_tool_call items. The
 stream carries a `type` and a `sequence_number` in every event: response.created,
 response.in_progress, per item output_item.added / .done (with content_part, output_text and
-reasoning_text deltas, function_call_arguments delta / done), response.completed with the whole
-response object; item ids and call ids are the same in the stream and in that object.
+reasoning_text deltas, function_call_arguments delta / done, one delta per parameter as it is
+generated, custom_tool_call_input delta / done), response.completed with the whole response
+object; item ids and call ids are the same in the stream and in that object. A call that turns
+out malformed, or is cut off, after its item was added is closed with status "incomplete" and
+the arguments that parsed; its text follows as a message, as in the non-streamed reply.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallEnd, bad, check_tools,
-                                    collect, events, field_of, function_tool, new_id, prompt_ids, sampling)
+from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallArgs, ToolCallEnd,
+                                    ToolCallError, ToolCallStart, bad, call_guide, check_tools, collect, events,
+                                    field_of, function_tool, new_id, prompt_ids, sampling)
 from xinzhou.server.worker import EngineWorker
 
 
@@ -85,7 +94,11 @@ def to_messages(body: dict) -> list[dict]:
                 raise bad(f"{where}.arguments: not a JSON object string", where) from None
             turn().setdefault("tool_calls", []).append(
                 {"id": item.get("call_id", ""), "type": "function", "function": {"name": item.get("name"), "arguments": parsed}})
-        elif kind == "function_call_output":
+        elif kind == "custom_tool_call":
+            turn().setdefault("tool_calls", []).append(
+                {"id": item.get("call_id", ""), "type": "function",
+                 "function": {"name": item.get("name"), "arguments": {"input": str(item.get("input", ""))}}})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             pending = None
             out = item.get("output", "")
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id"),
@@ -95,32 +108,61 @@ def to_messages(body: dict) -> list[dict]:
     return msgs
 
 
-def _tools(raw: Any) -> list[dict] | None:
+def _custom_tool(t: dict, i: int) -> dict:
+    """A free-form tool as the model sees it: a function of one string, `input`."""
+    fmt = t.get("format") or {"type": "text"}
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "grammar"):
+        raise bad(f"tools[{i}].format: expected {{'type': 'text'}} or {{'type': 'grammar', ...}}", f"tools[{i}].format")
+    about = "The tool's whole input, as free-form text."
+    if fmt["type"] == "grammar":
+        if not isinstance(fmt.get("definition"), str) or fmt.get("syntax") not in ("lark", "regex"):
+            raise bad(f"tools[{i}].format: a grammar needs 'syntax' ('lark' or 'regex') and a 'definition' string",
+                      f"tools[{i}].format")
+        about = f"The tool's whole input; it must match this {fmt['syntax']} grammar:\n{fmt['definition']}"
+    return function_tool(t.get("name"), t.get("description"), {
+        "type": "object", "properties": {"input": {"type": "string", "description": about}}, "required": ["input"]})
+
+
+def _tools(raw: Any) -> tuple[list[dict] | None, set[str]]:
+    """The tools in the chat format's shape, and the names of the custom (free-form) ones."""
     if raw is None:
-        return None
+        return None, set()
     if not isinstance(raw, list):
         raise bad("'tools' must be a list", "tools")
-    out = []
+    out, custom = [], set()
     for i, t in enumerate(raw):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            raise bad(f"tools[{i}]: only function tools are supported, got type {t.get('type') if isinstance(t, dict) else t!r}",
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind == "function":
+            out.append(function_tool(t.get("name"), t.get("description"), t.get("parameters")))
+        elif kind == "custom":
+            out.append(_custom_tool(t, i))
+            custom.add(t.get("name"))
+        else:
+            raise bad(f"tools[{i}]: only function and custom tools are supported, got type {kind or t!r}",
                       f"tools[{i}]")
-        out.append(function_tool(t.get("name"), t.get("description"), t.get("parameters")))
-    return check_tools(out)
+    return check_tools(out), custom
 
 
 def parse_request(worker: EngineWorker, body: dict) -> dict:
-    tools = _tools(body.get("tools"))
+    tools, custom = _tools(body.get("tools"))
     choice = body.get("tool_choice", "auto")
+    forced: str | bool = False
     if choice == "none":
         tools = None
+    elif choice == "required":
+        forced = True
+    elif isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
+        if not isinstance(choice.get("name"), str):
+            raise bad("tool_choice: a named tool is {'type': 'function', 'name': ...}", "tool_choice")
+        forced = choice["name"]
     elif choice != "auto":
-        raise bad("tool_choice other than 'auto' or 'none' is not supported by this server", "tool_choice")
+        raise bad(f"tool_choice {choice!r}: expected 'auto', 'none', 'required' or a named tool", "tool_choice")
+    guide = call_guide(worker, tools, forced, "tool_choice")
     prompt = prompt_ids(worker, to_messages(body), tools)
     params = sampling(worker, prompt, field_of(body, "max_output_tokens", int, None),
                       field_of(body, "temperature", (int, float), None), field_of(body, "top_p", (int, float), None),
                       None, None)
-    return dict(prompt=prompt, params=params, tools=tools, stream=bool(field_of(body, "stream", bool, False)),
+    return dict(prompt=prompt, params=params, tools=tools, custom=custom, guide=guide, choice=choice, stream=bool(field_of(body, "stream", bool, False)),
                 instructions=body.get("instructions"))
 
 
@@ -136,7 +178,7 @@ def _response(rid: str, model: str, created: int, output: list[dict], status: st
     return {"id": rid, "object": "response", "created_at": created, "model": model, "status": status,
             "output": output, "usage": _usage(done) if done else None, "error": None, "incomplete_details":
             ({"reason": "max_output_tokens"} if done and done.finish == "length" and status == "incomplete" else None),
-            "instructions": req.get("instructions"), "parallel_tool_calls": True, "tool_choice": "auto",
+            "instructions": req.get("instructions"), "parallel_tool_calls": True, "tool_choice": req.get("choice", "auto"),
             "tools": [], "store": False, "temperature": req["params"].temperature, "top_p": req["params"].top_p,
             "metadata": {}}
 
@@ -151,19 +193,27 @@ def _message_item(iid: str, text: str) -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
 
-def _call_item(ev: ToolCallEnd) -> dict:
-    return {"type": "function_call", "id": "fc_" + ev.id.removeprefix("call_"), "call_id": ev.id, "name": ev.name,
-            "arguments": json.dumps(ev.arguments, ensure_ascii=False), "status": "completed"}
+def _call_item(call_id: str, name: str, custom: set[str], arguments: dict | None = None) -> dict:
+    """A function_call (or custom_tool_call) item; arguments None: the item as it opens."""
+    tag = call_id.removeprefix("call_")
+    if name in custom:  # its one string; a model that wrote other parameters gets them as JSON
+        args = arguments or {}
+        value = args.get("input", "") if "input" in args or not args else args
+        return {"type": "custom_tool_call", "id": "ctc_" + tag, "call_id": call_id, "name": name,
+                "input": value if isinstance(value, str) else json.dumps(value, ensure_ascii=False),
+                "status": "completed"}
+    return {"type": "function_call", "id": "fc_" + tag, "call_id": call_id, "name": name,
+            "arguments": "" if arguments is None else json.dumps(arguments, ensure_ascii=False), "status": "completed"}
 
 
 async def complete(worker: EngineWorker, req: dict, model: str) -> dict:
-    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], ()))
+    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], (), req["guide"]))
     output = []
     if g.reasoning:
         output.append(_reasoning_item(new_id("rs_"), g.reasoning))
     if g.content or not (g.reasoning or g.calls):
         output.append(_message_item(new_id("msg_"), g.content))
-    output += [_call_item(c) for c in g.calls]
+    output += [_call_item(c.id, c.name, req["custom"], c.arguments) for c in g.calls]
     status = "incomplete" if g.done.finish == "length" else "completed"
     return _response(new_id("resp_"), model, int(time.time()), output, status, g.done, req)
 
@@ -172,6 +222,7 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
     rid, created, seq = new_id("resp_"), int(time.time()), 0
     output: list[dict] = []
     current: dict | None = None  # the reasoning or message item being streamed
+    call: dict | None = None  # the call item being streamed
 
     def sse(kind: str, data: dict) -> str:
         nonlocal seq
@@ -213,7 +264,7 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
     yield sse("response.created", {"response": _response(rid, model, created, [], "in_progress", None, req)})
     yield sse("response.in_progress", {"response": _response(rid, model, created, [], "in_progress", None, req)})
     try:
-        async for ev in events(worker, req["prompt"], req["params"], req["tools"], ()):
+        async for ev in events(worker, req["prompt"], req["params"], req["tools"], (), req["guide"]):
             if isinstance(ev, ReasoningDelta):
                 if current is None or current["type"] != "reasoning":
                     for s in close() + open_item(_reasoning_item(new_id("rs_"), "")):
@@ -228,19 +279,34 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
                 current["content"][0]["text"] += ev.text
                 yield sse("response.output_text.delta", {"item_id": current["id"], "output_index": len(output) - 1,
                                                          "content_index": 0, "delta": ev.text, "logprobs": []})
-            elif isinstance(ev, ToolCallEnd):
+            elif isinstance(ev, ToolCallStart):
                 for s in close():
                     yield s
-                item = _call_item(ev)
-                output.append(item)
+                call = _call_item(ev.id, ev.name, req["custom"])
+                output.append(call)
+                yield sse("response.output_item.added", {"output_index": len(output) - 1,
+                                                         "item": {**call, "status": "in_progress"}})
+            elif isinstance(ev, ToolCallArgs) and call is not None and call["type"] == "function_call":
+                call["arguments"] += ev.delta
+                yield sse("response.function_call_arguments.delta", {"item_id": call["id"], "output_index": len(output) - 1,
+                                                                     "delta": ev.delta})
+            elif isinstance(ev, (ToolCallEnd, ToolCallError)) and call is not None:
                 idx = len(output) - 1
-                yield sse("response.output_item.added", {"output_index": idx, "item": {**item, "arguments": "",
-                                                                                       "status": "in_progress"}})
-                yield sse("response.function_call_arguments.delta", {"item_id": item["id"], "output_index": idx,
-                                                                     "delta": item["arguments"]})
-                yield sse("response.function_call_arguments.done", {"item_id": item["id"], "output_index": idx,
-                                                                    "arguments": item["arguments"]})
-                yield sse("response.output_item.done", {"output_index": idx, "item": item})
+                if isinstance(ev, ToolCallEnd):
+                    output[idx] = call = {**_call_item(ev.id, ev.name, req["custom"], ev.arguments), "id": call["id"]}
+                else:
+                    call["status"] = "incomplete"
+                if call["type"] == "custom_tool_call":
+                    if call["input"]:
+                        yield sse("response.custom_tool_call_input.delta", {"item_id": call["id"], "output_index": idx,
+                                                                            "delta": call["input"]})
+                    yield sse("response.custom_tool_call_input.done", {"item_id": call["id"], "output_index": idx,
+                                                                       "input": call["input"]})
+                else:
+                    yield sse("response.function_call_arguments.done", {"item_id": call["id"], "output_index": idx,
+                                                                        "arguments": call["arguments"]})
+                yield sse("response.output_item.done", {"output_index": idx, "item": call})
+                call = None
             elif isinstance(ev, Done):
                 for s in close():
                     yield s

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from xinzhou.chat_format import ContentDelta, Event, ReasoningDelta, StreamParser, ToolCallEnd, ToolCallError, ToolCallStart
+from xinzhou.chat_format import (CallGuide, ContentDelta, Event, ReasoningDelta, StreamParser, ToolCallArgs, ToolCallEnd,
+                                 ToolCallError, ToolCallStart)
 from xinzhou.engine import Engine, Finished, SamplingParams, Token
 from xinzhou.tokenizer import Tokenizer
 
@@ -43,6 +44,7 @@ class _Job:
     stop_strings: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    guide: CallGuide | None = None
     rid: int | None = None
     parser: StreamParser | None = None
     ids: list[int] = field(default_factory=list)
@@ -71,9 +73,10 @@ class EngineWorker:
         return self.engine.model.config.max_position_embeddings
 
     def submit(self, prompt: list[int], params: SamplingParams, tools: Sequence[dict] | None,
-               stop_strings: tuple[str, ...] = ()) -> _Job:
-        """Queue a generation; its events (chat-format events, then one Done) arrive on job.out."""
-        job = _Job(prompt, params, tools, stop_strings, asyncio.get_running_loop(), asyncio.Queue())
+               stop_strings: tuple[str, ...] = (), guide: CallGuide | None = None) -> _Job:
+        """Queue a generation; its events (chat-format events, then one Done) arrive on job.out.
+        guide: force a tool call (tool_choice required or named)."""
+        job = _Job(prompt, params, tools, stop_strings, asyncio.get_running_loop(), asyncio.Queue(), guide)
         self._inbox.put(("add", job))
         self._wake.set()
         return job
@@ -124,7 +127,7 @@ class EngineWorker:
                 return
             if kind == "add":
                 try:
-                    job.rid = self.engine.add_request(job.prompt, job.params)
+                    job.rid = self.engine.add_request(job.prompt, job.params, guide=job.guide)
                 except ValueError as e:
                     self._send(job, Done("error", len(job.prompt), 0, 0, 0, error=str(e)))
                     continue
@@ -156,7 +159,7 @@ class EngineWorker:
                 text = self._filter(job, e.text)
                 if text:
                     self._send(job, ContentDelta(text))
-            elif isinstance(e, (ToolCallStart, ToolCallEnd, ToolCallError)) and not job.stopped:
+            elif isinstance(e, (ToolCallStart, ToolCallArgs, ToolCallEnd, ToolCallError)) and not job.stopped:
                 if job.held:
                     self._send(job, ContentDelta(job.held))
                     job.held = ""
