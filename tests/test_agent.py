@@ -74,3 +74,27 @@ def test_terminal_chat_prints_the_greedy_reply(served, source):
                        input="What is 4821*37?\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert want.reasoning in r.stdout and r.stdout.rstrip().endswith(want.content.rstrip() + "\nyou>")
+
+
+def test_eval_through_an_endpoint_equals_eval_of_the_checkpoint(served, tmp_path, capsys):
+    """`xinzhou eval --endpoint` (the served checkpoint, greedy, every level; L4 through the agent
+    loop over HTTP) gives the level table `xinzhou eval --model` gives, and --compare says so."""
+    import json
+
+    from xinzhou.cli import main
+
+    main(["eval", "--model", str(served.ckpt), "--out", str(tmp_path / "local"), "-n", "8"])
+    local = json.loads((tmp_path / "local" / "levels.json").read_text())
+    n = len(served.prompts)
+    main(["eval", "--endpoint", served.base_url, "--served-name", served.name, "--out", str(tmp_path / "remote"),
+          "-n", "8", "--compare", str(tmp_path / "local" / "levels.json")])
+    remote = json.loads((tmp_path / "remote" / "levels.json").read_text())
+    assert remote == local
+    l4 = next(x for x in local if x["level"] == 4)
+    assert l4["details"]["well-formed call"] > 0  # the tool loop really ran, through the server
+    assert len(served.prompts) - n > 5 * 8  # every level's samples, and L4's turns after a tool result
+    report = (tmp_path / "remote" / "report.md").read_text()
+    assert f"Endpoint `{served.base_url}`" in report and report.count("| +0.0% |") == 5
+    assert (tmp_path / "remote" / "levels.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "Change from" in out

@@ -1,13 +1,14 @@
-"""The capability-level harness scores gold outputs 100% and wrong ones 0%, and runs L4's real
-tool loop (the call is executed and its result handed back)."""
+"""The capability-level harness scores gold outputs 100% and wrong ones 0%, and runs L4 through
+the agent loop (the call is executed and its result handed back with the thinking)."""
 
 import re
+import threading
 
 import pytest
 
 from xinzhou import evals, tasks
-from xinzhou.chat_format import render, render_text
-from xinzhou.engine import Completion
+from xinzhou.agent.client import Client, ToolCall, Turn, chat_messages
+from xinzhou.chat_format import parse_ids, render, render_text
 from xinzhou.tokenizer import train_tokenizer
 
 
@@ -36,37 +37,48 @@ def oracle(tok, levels):
     return table
 
 
-def test_gold_outputs_score_full_marks_and_garbage_scores_zero(tok, monkeypatch):
+class TableClient(Client):
+    """A stand-in for a model behind the Client interface: the prompt the history renders to (as
+    EngineClient and the server render it) -> the ids the fake model answers with."""
+
+    protocol = "engine"
+
+    def __init__(self, tok, answer):
+        super().__init__("", "fake")
+        self.tok, self.answer, self.prompts = tok, answer, []
+        self.lock = threading.Lock()
+
+    def complete(self, history, tools, system=None):
+        prompt = render(chat_messages(history, system), self.tok, tools=tools or None, add_generation_prompt=True).ids
+        with self.lock:
+            self.prompts.append(prompt)
+        ids = self.answer(prompt)
+        ids = ids[:ids.index(self.tok.eos_id)] if self.tok.eos_id in ids else ids  # a model stops at end of turn
+        p = parse_ids(ids, self.tok, tools=tools or None)
+        return Turn(p.reasoning, p.content,
+                    [ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in p.tool_calls])
+
+
+def test_gold_outputs_score_full_marks_and_garbage_scores_zero(tok):
     levels = (1, 2, 3, 4, 5)
     table = oracle(tok, levels)
-    calls = []
-
-    def gold(model, prompts, cfg):
-        calls.append(len(prompts))
-        outs = []
-        for p in prompts:
-            ids = table[tuple(p)]
-            ids = ids[:ids.index(tok.eos_id) + 1]  # a model stops at the end-of-turn token
-            outs.append(Completion(ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))
-        return outs
-
-    monkeypatch.setattr(evals, "generate", gold)
+    gold = TableClient(tok, lambda p: table[tuple(p)])  # a prompt not in the table fails the test
     for lv in levels:
-        r = evals.evaluate_level(None, tok, lv, n=12, batch_size=5)
+        r = evals.evaluate_level(gold, lv, n=12, concurrency=5)
         assert (r.score, r.answer_accuracy, r.passed) == (1.0, 1.0, True), (lv, r.examples)
-    assert len(calls) == 5 * 3 + 3  # batches of 5 over 12 prompts; L4 runs a second (tool result) round
+    assert len(gold.prompts) == 5 * 12 + 12  # L4 runs a second turn, after the tool result, per sample
+    assert len({tuple(p) for p in gold.prompts}) == len(table)  # every gold turn was asked for
 
-    def garbage(model, prompts, cfg):
-        return [Completion(ids=tok.encode("no idea") + [tok.eos_id]) for _ in prompts]
-
-    monkeypatch.setattr(evals, "generate", garbage)
-    results = [evals.evaluate_level(None, tok, lv, n=12) for lv in levels]
+    garbage = TableClient(tok, lambda p: tok.encode("no idea") + [tok.eos_id])
+    results = [evals.evaluate_level(garbage, lv, n=12) for lv in levels]
     assert all(r.score == 0.0 and not r.passed for r in results)
     md = evals.report_markdown(results)
     assert "| L2 | arithmetic |" in md and "0.0%" in md
+    change = evals.compare_markdown(results, evals.to_json([evals.evaluate_level(gold, 2, n=12)]))
+    assert "| L2 | 100.0% | 0.0% | -100.0% | yes -> no |" in change and "| L1 | - | 0.0% | new |" in change
 
 
-def test_right_tool_with_a_wrong_argument_fails_l4(tok, monkeypatch):
+def test_right_tool_with_a_wrong_argument_fails_l4(tok):
     table = oracle(tok, (4,))
     first_turns = {}
     for prompt, ids in table.items():  # the first assistant turn of each sample holds its call
@@ -77,20 +89,14 @@ def test_right_tool_with_a_wrong_argument_fails_l4(tok, monkeypatch):
             assert wrong != text
             first_turns[prompt] = render_ids_of(tok, wrong)
 
-    def model(model_, prompts, cfg):
-        outs = []
-        for p in prompts:
-            if tuple(p) in first_turns:
-                ids = first_turns[tuple(p)]
-            else:  # after the wrong call's real result: answer with that result, as a model would
-                result = re.findall(r"<response>(.*?)</response>", tok.decode(p))[-1]
-                ids = render_ids_of(tok, f"\n</think>\n\n{result}[e~[")
-            ids = ids[:ids.index(tok.eos_id) + 1]
-            outs.append(Completion(ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))
-        return outs
+    def answer(p):
+        if tuple(p) in first_turns:
+            return first_turns[tuple(p)]
+        # after the wrong call's real result: answer with that result, as a model would
+        result = re.findall(r"<response>(.*?)</response>", tok.decode(p))[-1]
+        return render_ids_of(tok, f"\n</think>\n\n{result}[e~[")
 
-    monkeypatch.setattr(evals, "generate", model)
-    r = evals.evaluate_level(None, tok, 4, n=12)
+    r = evals.evaluate_level(TableClient(tok, answer), 4, n=12)
     assert r.details["well-formed call"] == 1.0 and r.details["right call"] == 0.0
     assert r.details["right answer"] == 0.0  # the answer follows the wrong call's result
     assert r.score == 0.0 and not r.passed

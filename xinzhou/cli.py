@@ -3,6 +3,8 @@
     xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT -> capability report (CPU, tiny)
     xinzhou speedrun --preset small       # the same at the 306.8M shape (GPU)
     xinzhou eval runs/speedrun/sft/ckpt   # capability report of any checkpoint with a tokenizer.json
+    xinzhou eval --endpoint http://127.0.0.1:8000 --served-name ckpt --out eval/ [--compare old/levels.json]
+                                          # the same report through any server, in any protocol
     xinzhou data corpus/ --tokenizer runs/speedrun/tokenizer/tokenizer.json --out data/mine
                                           # user files (txt, jsonl, parquet) -> shards for xinzhou.train
     xinzhou rl --model runs/speedrun/sft/ckpt --task countdown --loss cispo --out runs/rl
@@ -171,24 +173,41 @@ def check_report_dir(out_dir: Path) -> None:
             raise OutputError(f"{f}: exists and is not a xinzhou capability report; choose another --out")
 
 
-def report(ckpt: Path, out_dir: Path, n: int = 200) -> list:
+def report(ckpt: Path | None, out_dir: Path, n: int = 200, endpoint: str | None = None, protocol: str = "openai",
+           served_name: str = "xinzhou", api_key: str = "none", compare: Path | None = None,
+           previous: list | None = None) -> list:
+    """The capability report of a checkpoint (run here, greedy) or of an endpoint (any protocol,
+    temperature 0): report.md, levels.json and levels.png in out_dir; with `compare`, an earlier
+    levels.json read as `previous`, the change per level goes into report.md too."""
+    from xinzhou.agent.client import make_client
+    from xinzhou.evals import EVAL_MAX_TOKENS, compare_markdown, local_client, to_json
+
     if n < 1:
         raise ValueError(f"n = {n}: the report needs at least one held-out sample per level")
     check_report_dir(out_dir)
-    model = load_hf(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(ckpt / "tokenizer.json")
-    if tok.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{ckpt}: tokenizer.json has {tok.vocab_size} tokens, the model only "
-                              f"{model.config.vocab_size}: not this checkpoint's tokenizer")
-    results = capability_report(model, tok, n=n)
+    if endpoint is not None:
+        client = make_client(protocol, endpoint, served_name, api_key=api_key, temperature=0.0,
+                             max_tokens=EVAL_MAX_TOKENS)
+        source = f"Endpoint `{endpoint}` ({protocol}, model `{served_name}`)"
+    else:
+        model = load_hf(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+        tok = load_tokenizer(ckpt / "tokenizer.json")
+        if tok.vocab_size > model.config.vocab_size:
+            raise CheckpointError(f"{ckpt}: tokenizer.json has {tok.vocab_size} tokens, the model only "
+                                  f"{model.config.vocab_size}: not this checkpoint's tokenizer")
+        client = local_client(model, tok)
+        source = f"Checkpoint `{ckpt}`"
+    try:
+        results = capability_report(client, n=n)
+    finally:
+        if hasattr(client, "close"):
+            client.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "report.md", f"{REPORT_TITLE}\n\nCheckpoint `{ckpt}`, held-out samples, greedy decoding.\n\n"
-                + report_markdown(results))
-    _write_text(out_dir / "levels.json", json.dumps([dict(level=x.level, family=x.family, metric=x.metric,
-                                                          score=x.score, threshold=x.threshold, passed=x.passed,
-                                                          ci95=list(x.ci), answer_accuracy=x.answer_accuracy, n=x.n,
-                                                          details=x.details)
-                                                     for x in results], indent=2))
+    text = f"{REPORT_TITLE}\n\n{source}, held-out samples, greedy decoding.\n\n" + report_markdown(results)
+    if previous is not None:
+        text += f"\n## Change from `{compare}`\n\n" + compare_markdown(results, previous)
+    _write_text(out_dir / "report.md", text)
+    _write_text(out_dir / "levels.json", json.dumps(to_json(results), indent=2))
     plot_levels(results, str(out_dir / "levels.png"))
     return results
 
@@ -227,10 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("eval", parents=[common], help="capability report of a checkpoint directory (with tokenizer.json)")
-    e.add_argument("ckpt")
+    e = sub.add_parser("eval", parents=[common], help="capability report of a checkpoint or of an endpoint")
+    e.add_argument("ckpt", nargs="?", default=None, help="checkpoint directory with tokenizer.json (or --model)")
+    e.add_argument("--model", default=None, help="checkpoint directory with tokenizer.json (runs here)")
+    e.add_argument("--endpoint", default=None, help="base URL of a server, e.g. http://127.0.0.1:8000")
+    e.add_argument("--protocol", choices=["openai", "responses", "anthropic"], default="openai")
+    e.add_argument("--served-name", default="xinzhou", help="the model name the endpoint serves")
+    e.add_argument("--api-key", default=None, help="default: $XINZHOU_API_KEY, else 'none'")
     e.add_argument("--out", default=None, help="where report.md, levels.json and levels.png go "
-                   "(default: the checkpoint's parent directory)")
+                   "(default: the checkpoint's parent directory; needed with --endpoint)")
+    e.add_argument("--compare", default=None, help="an earlier levels.json: the change per level")
     e.add_argument("-n", type=_positive, default=200, help="held-out samples per level")
     d = sub.add_parser("data", parents=[common], help="tokenize corpora (txt, jsonl, parquet files or folders) into packed shards")
     d.add_argument("inputs", nargs="+")
@@ -391,6 +416,45 @@ def _agent(args: argparse.Namespace) -> None:
             return
 
 
+def read_levels(path: Path) -> list[dict]:
+    """An earlier levels.json, checked."""
+    try:
+        levels = json.loads(Path(path).read_text())
+        ok = isinstance(levels, list) and all(isinstance(x, dict) and {"level", "score", "passed"} <= x.keys()
+                                                for x in levels)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"--compare {path}: cannot read it as JSON ({e})") from None
+    if not ok:
+        raise DataError(f"--compare {path}: not a levels.json written by `xinzhou eval` (a list of levels with "
+                        "'level', 'score' and 'passed')")
+    return levels
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import os
+
+    sources = [x for x in (args.ckpt, args.model, args.endpoint) if x]
+    if len(sources) != 1:
+        raise DataError("xinzhou eval: give one checkpoint (CKPT or --model DIR) or one --endpoint URL")
+    compare = Path(args.compare) if args.compare else None
+    previous = read_levels(compare) if compare else None  # before the new report can overwrite it
+    if args.endpoint:
+        if not args.out:
+            raise OutputError("xinzhou eval --endpoint: say where the report goes with --out DIR")
+        results = report(None, Path(args.out), n=args.n, endpoint=args.endpoint, protocol=args.protocol,
+                         served_name=args.served_name, api_key=args.api_key or os.environ.get("XINZHOU_API_KEY", "none"),
+                         compare=compare, previous=previous)
+    else:
+        ckpt = Path(args.ckpt or args.model)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+        results = report(ckpt, Path(args.out or ckpt.parent), n=args.n, compare=compare, previous=previous)
+    sys.stdout.write(report_markdown(results))
+    if previous is not None:
+        from xinzhou.evals import compare_markdown
+        sys.stdout.write(f"\nChange from {compare}:\n\n" + compare_markdown(results, previous))
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.cmd == "serve":
         from xinzhou.server.app import serve
@@ -417,11 +481,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.cmd == "speedrun":
         speedrun(args.preset, args.out, args.seed)
     elif args.cmd == "eval":
-        ckpt = Path(args.ckpt)
-        if not ckpt.is_dir():
-            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
-        results = report(ckpt, Path(args.out or ckpt.parent), n=args.n)
-        sys.stdout.write(report_markdown(results))
+        _eval(args)
 
 
 if __name__ == "__main__":

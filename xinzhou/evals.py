@@ -1,15 +1,17 @@
-"""Capability levels: run the held-out task sets through the engine and score them with the
-tasks' verifiers.
+"""Capability levels: run the held-out task sets through a client (a local model, or any
+endpoint in any protocol: xinzhou.agent.client) and score them with the tasks' verifiers.
 
-    results = capability_report(model, tokenizer, levels=(1, 2, 3, 4, 5), n=200)
+    with local_client(model, tokenizer) as client:          # or make_client("openai", url, name, temperature=0)
+        results = capability_report(client, levels=(1, 2, 3, 4, 5), n=200)
     print(report_markdown(results))
 
 Each level has a metric and a threshold (xinzhou.tasks.LEVELS): a checkpoint "has" a level when
 its score on held-out samples reaches the threshold. Scores come with a 95% Wilson interval and
-their n. L4 runs the real tool loop: every well-formed call of the first assistant turn is
-executed, its result appended, and the model answers; a sample passes only with the right tool
-and the right arguments (exactly one call) and then the right final answer. Well-formed calls,
-right calls and right answers are reported beside the score.
+their n. L4 runs the agent loop (xinzhou.agent.loop.run, the task tools, two model calls at most):
+the calls of the first assistant turn are executed, their results sent back with the turn's
+thinking, and the model answers; a sample passes only with the right tool and the right arguments
+(exactly one call) and then the right final answer. Well-formed calls, right calls and right
+answers are reported beside the score. Every turn has at most EVAL_MAX_TOKENS new tokens.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from concurrent.futures import ThreadPoolExecutor
+
 from xinzhou import tasks
-from xinzhou.chat_format import ParsedMessage, parse_ids, render
-from xinzhou.engine import SamplingConfig, generate
+from xinzhou.agent.client import Client, EngineClient, Turn
+from xinzhou.agent.loop import Error, Final, run
+from xinzhou.chat_format import ParsedMessage
 from xinzhou.model import XinzhouLM
 from xinzhou.tasks import tools as tool_task
 from xinzhou.tokenizer import Tokenizer
@@ -58,61 +63,95 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _complete(model: XinzhouLM, tok: Tokenizer, convs: list[tuple[list[dict], list | None]],
-              max_new_tokens: int, batch_size: int) -> list[tuple[ParsedMessage, str]]:
-    """One assistant turn for each (messages, tools), greedy, up to the end-of-turn token."""
-    eos = tok.eos_id
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=(eos,))
-    out = []
-    for i in range(0, len(convs), batch_size):
-        chunk = convs[i:i + batch_size]
-        prompts = [render(m, tok, tools=t, add_generation_prompt=True).ids for m, t in chunk]
-        for (m, t), c in zip(chunk, generate(model, prompts, cfg)):
-            ids = c.ids[:-1] if c.ids and c.ids[-1] == eos else c.ids
-            out.append((parse_ids(ids, tok, tools=t), tok.decode(ids)))
-    return out
+EVAL_MAX_TOKENS = 96  # new tokens per assistant turn, for every level and client
 
 
-def evaluate_level(model: XinzhouLM, tok: Tokenizer, level: int, n: int | None = None, seed: int = 0,
-                   batch_size: int = 32, max_new_tokens: int = 96) -> LevelResult:
+def parsed(turn: Turn) -> ParsedMessage:
+    """A client's turn in the shape the verifiers read (OpenAI-shaped tool calls)."""
+    return ParsedMessage(turn.reasoning, turn.content, [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in turn.tool_calls])
+
+
+def _shown(turn: Turn) -> str:
+    calls = "".join(f"[{c.name}({c.arguments})]" for c in turn.tool_calls)
+    return f"<think>{turn.reasoning}</think>{turn.content}{calls}"
+
+
+def _tool_loop(client: Client, sample: tasks.Sample) -> tuple[Turn, Turn | None]:
+    """L4 through the agent loop: the first turn, and the turn after the tool results (None when
+    the first turn called nothing). Two model calls at most; an endpoint failure raises."""
+    history: list = []
+    for ev in run(client, sample.messages[-1]["content"], tool_task.task_tools(), max_steps=2):
+        if isinstance(ev, Final):
+            history = ev.history
+        elif isinstance(ev, Error):
+            if ev.cause != "steps":
+                raise RuntimeError(f"L4 sample {sample.messages[-1]['content']!r}: {ev.message}")
+            history = ev.history
+    turns = [h for h in history if isinstance(h, Turn)]
+    return turns[0], turns[1] if len(turns) > 1 else None
+
+
+def evaluate_level(client: Client, level: int, n: int | None = None, seed: int = 0,
+                   concurrency: int = 32) -> LevelResult:
+    """One level's held-out samples through `client` (greedy for a fair score: EngineClient is, an
+    endpoint client needs temperature=0), `concurrency` samples at a time."""
     spec = tasks.LEVELS[level]
     samples = tasks.generate(spec.family, "test", n or spec.n, seed, **spec.params)
-    first = _complete(model, tok, [(s.messages, s.tools) for s in samples], max_new_tokens, batch_size)
     examples = []
     details: dict[str, float] = {}
-    if spec.metric == "tool_task":
-        formed = [tool_task.well_formed_call(p, s.tools) for s, (p, _) in zip(samples, first)]
-        right_call = [tool_task.correct_call(p, s) for s, (p, _) in zip(samples, first)]
-        # the real loop: execute each well-formed call, hand back the results, let the model answer
-        follow, idx = [], []
-        for i, (s, (p, _)) in enumerate(zip(samples, first)):
-            if formed[i]:
-                results = [{"role": "tool", "tool_call_id": c["id"],
-                            "content": tool_task.execute(c["function"]["name"], c["function"]["arguments"], s.tools)}
-                           for c in p.tool_calls]
-                follow.append((s.messages + [p.to_message(), *results], s.tools))
-                idx.append(i)
-        answers = _complete(model, tok, follow, max_new_tokens, batch_size) if follow else []
-        correct = [False] * len(samples)
-        for i, (p, _) in zip(idx, answers):
-            correct[i] = tasks.verify(samples[i], p)
-        oks = [c and a for c, a in zip(right_call, correct)]
-        score = sum(oks) / len(samples)
-        accuracy = sum(correct) / len(samples)
-        details = {"well-formed call": sum(formed) / len(samples), "right call": sum(right_call) / len(samples),
-                   "right answer": accuracy}
-    else:
-        oks = [tasks.verify(s, p) for s, (p, _) in zip(samples, first)]
-        score = accuracy = sum(oks) / len(samples)
-    for s, (_, text), ok in list(zip(samples, first, oks))[:3]:
-        examples.append(dict(prompt=s.messages[-1]["content"][:200], output=text[:300], ok=ok))
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        if spec.metric == "tool_task":
+            loops = list(pool.map(lambda s: _tool_loop(client, s), samples))
+            first = [t for t, _ in loops]
+            formed = [tool_task.well_formed_call(parsed(t), s.tools) for s, t in zip(samples, first)]
+            right_call = [tool_task.correct_call(parsed(t), s) for s, t in zip(samples, first)]
+            correct = [a is not None and tasks.verify(s, parsed(a)) for s, (_, a) in zip(samples, loops)]
+            oks = [c and a for c, a in zip(right_call, correct)]
+            score = sum(oks) / len(samples)
+            accuracy = sum(correct) / len(samples)
+            details = {"well-formed call": sum(formed) / len(samples), "right call": sum(right_call) / len(samples),
+                       "right answer": accuracy}
+        else:
+            first = list(pool.map(lambda s: client.complete([s.messages[-1]["content"]], s.tools or []), samples))
+            oks = [tasks.verify(s, parsed(t)) for s, t in zip(samples, first)]
+            score = accuracy = sum(oks) / len(samples)
+    for s, t, ok in list(zip(samples, first, oks))[:3]:
+        examples.append(dict(prompt=s.messages[-1]["content"][:200], output=_shown(t)[:300], ok=ok))
     return LevelResult(level, spec.family, spec.measures, spec.metric, score, spec.threshold, len(samples),
                        accuracy, examples, details)
 
 
-def capability_report(model: XinzhouLM, tok: Tokenizer, levels: tuple[int, ...] = (1, 2, 3, 4, 5),
-                      n: int | None = None, seed: int = 0, batch_size: int = 32) -> list[LevelResult]:
-    return [evaluate_level(model, tok, lv, n, seed, batch_size) for lv in levels]
+def capability_report(client: Client, levels: tuple[int, ...] = (1, 2, 3, 4, 5), n: int | None = None,
+                      seed: int = 0, concurrency: int = 32) -> list[LevelResult]:
+    return [evaluate_level(client, lv, n, seed, concurrency) for lv in levels]
+
+
+def local_client(model: XinzhouLM, tok: Tokenizer, max_batch: int = 32) -> EngineClient:
+    """The greedy in-process client the levels are scored with (close it when done)."""
+    return EngineClient(model, tok, max_tokens=EVAL_MAX_TOKENS, max_batch=max_batch)
+
+
+def to_json(results: list[LevelResult]) -> list[dict]:
+    return [dict(level=x.level, family=x.family, metric=x.metric, score=x.score, threshold=x.threshold,
+                 passed=x.passed, ci95=list(x.ci), answer_accuracy=x.answer_accuracy, n=x.n, details=x.details)
+            for x in results]
+
+
+def compare_markdown(results: list[LevelResult], previous: list[dict]) -> str:
+    """The change per level against an earlier levels.json."""
+    before = {int(p["level"]): p for p in previous}
+    lines = ["| level | before | now | change | has it (before -> now) |", "|---|---|---|---|---|"]
+    for r in results:
+        p = before.get(r.level)
+        if p is None:
+            lines.append(f"| L{r.level} | - | {r.score:.1%} | new | - -> {'yes' if r.passed else 'no'} |")
+            continue
+        delta = r.score - float(p["score"])
+        lines.append(f"| L{r.level} | {float(p['score']):.1%} | {r.score:.1%} | {delta:+.1%} | "
+                     f"{'yes' if p['passed'] else 'no'} -> {'yes' if r.passed else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def report_markdown(results: list[LevelResult]) -> str:

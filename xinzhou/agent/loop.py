@@ -14,7 +14,7 @@ Summarized event says so.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xinzhou.agent.client import Client, History, ToolOutput, Turn
 from xinzhou.agent.tools import Tool, ToolResult
@@ -54,6 +54,8 @@ class Summarized:
 @dataclass(frozen=True)
 class Error:
     message: str
+    cause: str = "endpoint"  # "endpoint" (a request failed), "summary" (summarising failed), "steps" (max_steps)
+    history: History = field(default_factory=list)  # the conversation so far
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def run(client: Client, task: str | History, tools: Mapping[str, Tool], *, max_s
             try:
                 folded = _summarize(client, history, keep_last=4)
             except Exception as e:  # noqa: BLE001 - any endpoint failure ends the run as an event
-                yield Error(f"summarising the history failed: {type(e).__name__}: {e}")
+                yield Error(f"summarising the history failed: {type(e).__name__}: {e}", "summary", history)
                 return
             if folded is not None:
                 history, ev = folded
@@ -120,7 +122,7 @@ def run(client: Client, task: str | History, tools: Mapping[str, Tool], *, max_s
         try:
             turn: Turn = client.complete(history, specs, system=system)
         except Exception as e:  # noqa: BLE001 - the SDKs raise many types; the caller reads an event
-            yield Error(f"{client.protocol} request failed: {type(e).__name__}: {e}")
+            yield Error(f"{client.protocol} request failed: {type(e).__name__}: {e}", "endpoint", history)
             return
         history.append(turn)
         if turn.reasoning:
@@ -137,4 +139,4 @@ def run(client: Client, task: str | History, tools: Mapping[str, Tool], *, max_s
                       ToolResult(False, f"error: unknown tool {call.name!r}; available: {list(tools)}"))
             history.append(ToolOutput(call.id, call.name, result.content, result.ok))
             yield ToolResultEvent(call.id, call.name, result.ok, result.content)
-    yield Error(f"no final answer after {max_steps} model calls")
+    yield Error(f"no final answer after {max_steps} model calls", "steps", history)

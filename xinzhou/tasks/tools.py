@@ -38,6 +38,11 @@ _IMPLEMENTATIONS: dict[str, Tool] = {t.name: t for t in (TaskCalculator(), GetPr
 TOOLS: list[dict] = [t.spec() for t in _IMPLEMENTATIONS.values()]
 
 
+def task_tools() -> dict[str, Tool]:
+    """The tools by name, for the agent loop (what `xinzhou.evals` runs L4 with)."""
+    return dict(_IMPLEMENTATIONS)
+
+
 def _function(call: object) -> dict:
     fn = call.get("function") if isinstance(call, dict) else None
     return fn if isinstance(fn, dict) else {}
