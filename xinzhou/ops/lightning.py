@@ -65,8 +65,13 @@ def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes:
     for n, seqs in groups.items():
         if n == 0:  # an empty sequence keeps its initial state
             continue
-        rows = torch.cat([torch.arange(bounds[i], bounds[i] + n) for i in seqs]).to(q.device)  # [G * n]
-        qg, kg, vg = (x[0, rows].view(len(seqs), n, H, -1) for x in (q, k, v))  # [G, n, H, D]
+        if len(groups) == 1:  # every sequence has n tokens (a decode step): the packed rows as they are
+            rows = None
+            qg, kg, vg = (x[0].view(len(seqs), n, H, -1) for x in (q, k, v))
+        else:
+            starts = torch.tensor([bounds[i] for i in seqs], device=q.device)
+            rows = (starts[:, None] + torch.arange(n, device=q.device)).reshape(-1)  # [G * n]
+            qg, kg, vg = (x[0, rows].view(len(seqs), n, H, -1) for x in (q, k, v))  # [G, n, H, D]
         s0 = initial_state[seqs] if initial_state is not None else None
         if n == 1:
             if s0 is None:
@@ -80,7 +85,7 @@ def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes:
         else:
             o = o.index_put((rows,), og.reshape(-1, H, Dv))
         if output_final_state:
-            states = states.index_put((torch.tensor(seqs, device=q.device),), sg)
+            states = sg if rows is None else states.index_put((torch.tensor(seqs, device=q.device),), sg)
     if o is None:  # no tokens at all
         o = q.new_zeros(T, H, Dv)
     return o[None], (states if output_final_state else None)

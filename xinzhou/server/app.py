@@ -43,46 +43,73 @@ def _error_body(protocol: str, e: APIError) -> dict:
     return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}
 
 
+def _protocol(path: str, headers: Any) -> str:
+    return "anthropic" if path.startswith("/v1/messages") or (
+        path == "/v1/models" and "anthropic-version" in headers) else "openai"
+
+
+class _Frame:
+    """Around every request (plain ASGI, so streamed bodies pass straight through): the API key,
+    the body-size limit from content-length, the request id on the response, and one JSON log
+    line when the response has been sent."""
+
+    def __init__(self, app: Any, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path, method = scope["path"], scope["method"]
+        rid = headers.get("x-request-id") or secrets.token_hex(8)
+        proto = _protocol(path, headers)
+        extra = [(b"x-request-id", rid.encode())] + ([(b"request-id", rid.encode())] if proto == "anthropic" else [])
+        t0, status = time.time(), 500
+
+        async def send_framed(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            refusal = self._refusal(path, method, headers)
+            if refusal is not None:
+                await JSONResponse(_error_body(proto, refusal), status_code=refusal.status)(scope, receive, send_framed)
+            else:
+                await self.app(scope, receive, send_framed)
+        finally:
+            log.info(json.dumps({"request_id": rid, "method": method, "path": path, "status": status,
+                                 "ms": round(1000 * (time.time() - t0), 1)}))
+
+    def _refusal(self, path: str, method: str, headers: dict[str, str]) -> APIError | None:
+        # the chat page itself is public (a browser cannot send a header when it opens it); its requests carry the key
+        public = path == "/health" or (path == "/" and method in ("GET", "HEAD"))
+        if self.api_key is not None and not public:
+            given = headers.get("x-api-key") or ""
+            auth = headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = given or auth[7:]
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return APIError(401, "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
+                                "authentication_error")
+        size = headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            return APIError(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY}", "request_too_large")
+        return None
+
+
 def create_app(worker: EngineWorker, served_name: str = "xinzhou", api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="xinzhou", docs_url=None, redoc_url=None, openapi_url=None)
     signing_key = secrets.token_bytes(32)  # thinking signatures are this server's own
     created = int(time.time())
 
     def protocol_of(request: Request) -> str:
-        path = request.url.path
-        return "anthropic" if path.startswith("/v1/messages") or (
-            path == "/v1/models" and "anthropic-version" in request.headers) else "openai"
+        return _protocol(request.url.path, request.headers)
 
-    @app.middleware("http")
-    async def frame(request: Request, call_next: Any) -> Any:
-        rid = request.headers.get("x-request-id") or secrets.token_hex(8)
-        t0 = time.time()
-        proto = protocol_of(request)
-        try:
-            # the chat page itself is public (a browser cannot send a header when it opens it);
-            # its requests carry the key
-            public = request.url.path == "/health" or (request.url.path == "/" and request.method in ("GET", "HEAD"))
-            if api_key is not None and not public:
-                given = request.headers.get("x-api-key") or ""
-                auth = request.headers.get("authorization", "")
-                if auth.lower().startswith("bearer "):
-                    given = given or auth[7:]
-                if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
-                                   "authentication_error")
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > MAX_BODY:
-                raise APIError(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY}",
-                               "request_too_large")
-            response = await call_next(request)
-        except APIError as e:
-            response = JSONResponse(_error_body(proto, e), status_code=e.status)
-        response.headers["x-request-id"] = rid
-        if proto == "anthropic":
-            response.headers["request-id"] = rid
-        log.info(json.dumps({"request_id": rid, "method": request.method, "path": request.url.path,
-                             "status": response.status_code, "ms": round(1000 * (time.time() - t0), 1)}))
-        return response
+    app.add_middleware(_Frame, api_key=api_key)
 
     async def body_of(request: Request) -> dict:
         raw = await request.body()
