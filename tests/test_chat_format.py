@@ -806,3 +806,35 @@ def test_call_guide_forces_the_call_opening_the_template_writes(tok: Tokenizer, 
     assert g(out) == (None, ())  # after </minimax:tool_call>: free
     p = parse_ids(out + [eos], tok, TOOLS)
     assert _key(p) == ("let me look", "", [("search", {"query": "x y"})], [])
+
+
+def test_a_quoted_attribute_value_may_contain_a_closing_bracket(tok: Tokenizer) -> None:
+    tools = [{"type": "function", "function": {"name": "a>b", "parameters": {
+        "type": "object", "properties": {"x>y": {"type": "integer"}}}}}]
+    gen = ('r</think>\n\n<minimax:tool_call>\n<invoke name="a>b">\n<parameter name=\'x>y\'>3</parameter>\n'
+           '</invoke>\n</minimax:tool_call>')
+    assert _key(_parse(tok, gen, tools)) == ("r", "", [("a>b", {"x>y": 3})], [])
+    for cut in range(len(gen)):  # whatever the chunking
+        assert _key(collect(_stream_markup(gen, [cut], tools))) == ("r", "", [("a>b", {"x>y": 3})], [])
+
+
+def test_tool_result_parts_are_one_response_each(tok: Tokenizer) -> None:
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("search", {"query": "x"})]},
+            {"role": "tool", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]},
+            {"role": "tool", "content": "third"}]
+    text = render_text(msgs)
+    assert "]~b]tool\n<response>first</response>\n<response>second</response>\n<response>third</response>[e~[" in text
+
+
+def test_generation_prompt_with_thinking_disabled(tok: Tokenizer) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    prompt = render_text(msgs, add_generation_prompt=True, thinking=False)
+    assert prompt.endswith("]~b]ai\n<think>\n\n</think>\n\n")
+    # it is how a trained turn with empty thinking begins, so the model continues with content
+    turn = render_text(msgs + [{"role": "assistant", "content": "Hello", "reasoning_content": ""}])
+    assert turn.startswith(prompt) and turn[len(prompt):] == "Hello[e~[\n"
+    ids = render(msgs, tok, add_generation_prompt=True, thinking=False).ids
+    assert tok.decode(ids).endswith("]~b]ai\n<think>\n\n</think>\n\n") and tok.special_id("</think>") in ids[-4:]
+    out = tok.encode("Hello") + [tok.eos_id]
+    assert _key(parse_ids(out[:-1], tok, thinking_open=False)) == ("", "Hello", [], [])

@@ -409,3 +409,22 @@ def test_responses_custom_tool_round_trip(served, oc, calling_question):
     sent = served.tokenizer.decode(served.prompts[n])
     assert f'<invoke name="{name}">' in sent and "<response>84</response>" in sent
     assert "must match this regex grammar" in sent  # the grammar reaches the model as text
+
+
+def test_anthropic_thinking_disabled_prefills_an_empty_thinking_block(served, ac):
+    """thinking: disabled renders the prompt with the thinking closed: the model answers at once,
+    no thinking block comes back, and the text is the engine's greedy output for that prompt."""
+    tok = served.tokenizer
+    messages = [{"role": "user", "content": "What is 4821*37?"}]
+    ids = render(messages, tok, add_generation_prompt=True, thinking=False).ids
+    model = load_hf(served.ckpt).eval()
+    out = generate(model, [ids], SamplingConfig(max_new_tokens=32, stop_ids=(tok.eos_id,)))[0].ids
+    want = parse_ids(out[:-1] if out and out[-1] == tok.eos_id else out, tok, thinking_open=False)
+    n = len(served.prompts)
+    m = ac.messages.create(model="xz-test", max_tokens=32, messages=messages, thinking={"type": "disabled"},
+                           extra_body=GREEDY)
+    assert served.prompts[n] == ids
+    assert [b.type for b in m.content] in (["text"], [])
+    assert "".join(b.text for b in m.content) == want.content
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(ids) == ac.messages.count_tokens(model="xz-test", messages=messages,
+                                                             thinking={"type": "disabled"}).input_tokens

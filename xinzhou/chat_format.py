@@ -8,10 +8,12 @@ The only module that knows the M2 markup. Rendering:
     <invoke name="f">\n<parameter name="k">v</parameter>\n</invoke>\n</minimax:tool_call>[e~[\n
     ]~b]tool\n<response>{result}</response>\n<response>{result}</response>[e~[\n
     ]~b]ai\n<think>\n                                     (generation prompt)
+    ]~b]ai\n<think>\n\n</think>\n\n                       (generation prompt, thinking=False)
 
 Messages are OpenAI-style dicts (system/user/assistant/tool; `reasoning_content` or inline
 `<think>...</think>` in content, `tool_calls` with dict or JSON-string arguments; `tool_call_id`
-is accepted but not rendered: M2 pairs results with calls by order). As in M2's own template, a
+is accepted but not rendered: M2 pairs results with calls by order; a tool result given as a list
+of text parts is one `<response>` per part, as M2's template renders it). As in M2's own template, a
 "\n" separates the content from `<minimax:tool_call>`. Markers are inserted as special-token ids;
 every text piece goes through `Tokenizer.encode`, which never yields a special id, so user text
 spelling `<think>` stays text. Thinking is kept only for assistant messages after the last user
@@ -140,9 +142,12 @@ def render(
     tools: Sequence[Tool] | None = None,
     add_generation_prompt: bool = False,
     keep_all_thinking: bool = False,
+    thinking: bool = True,
 ) -> Rendered:
-    """Token ids and loss mask of a conversation in the M2 format."""
-    pieces = _pieces(messages, tools, add_generation_prompt, keep_all_thinking)
+    """Token ids and loss mask of a conversation in the M2 format. thinking=False ends the
+    generation prompt with an empty, closed thinking block (parse the output with
+    thinking_open=False): the model answers without thinking."""
+    pieces = _pieces(messages, tools, add_generation_prompt, keep_all_thinking, thinking)
     encoded = iter(tokenizer.encode_batch([p.text for p in pieces if not p.special]))
     ids: list[int] = []
     mask: list[int] = []
@@ -158,14 +163,15 @@ def render_text(
     tools: Sequence[Tool] | None = None,
     add_generation_prompt: bool = False,
     keep_all_thinking: bool = False,
+    thinking: bool = True,
 ) -> str:
     """The rendered conversation as text (markers spelled out); for debugging and tests."""
-    return "".join(p.text for p in _pieces(messages, tools, add_generation_prompt, keep_all_thinking))
+    return "".join(p.text for p in _pieces(messages, tools, add_generation_prompt, keep_all_thinking, thinking))
 
 
 def _pieces(
     messages: Sequence[Message], tools: Sequence[Tool] | None, add_generation_prompt: bool,
-    keep_all_thinking: bool = False,
+    keep_all_thinking: bool = False, thinking: bool = True,
 ) -> list[_Piece]:
     out: list[_Piece] = []
 
@@ -245,8 +251,11 @@ def _pieces(
             for j in range(i, len(msgs)):
                 if msgs[j].get("role") != "tool":
                     break
-                result = _text(msgs[j].get("content"), f"messages[{j + offset}].content")
-                results.append(f"\n<response>{result}</response>")
+                content, where_j = msgs[j].get("content"), f"messages[{j + offset}].content"
+                # a list of text parts is one response per part, as M2's template renders it
+                parts = ([_text([p], where_j) for p in content] if isinstance(content, list) and content
+                         else [_text(content, where_j)])
+                results += [f"\n<response>{part}</response>" for part in parts]
             special(ROLE)
             text("tool" + "".join(results))
             special(EOS)
@@ -261,6 +270,10 @@ def _pieces(
         text("ai\n")
         special(THINK_OPEN)
         text("\n")
+        if not thinking:  # an empty thinking block, prefilled: the model answers at once
+            text("\n")
+            special(THINK_CLOSE)
+            text("\n\n")
     return out
 
 
@@ -735,8 +748,9 @@ class StreamParser:
             self._search_from = i + 1  # a literal "</parameter>" inside the value
 
     def _tag(self, s: str, final: bool) -> str | None:
-        """The complete `<...>` tag at the start of `s`, or None to wait for more text."""
-        gt = s.find(">", 0, _MAX_TAG)
+        """The complete `<...>` tag at the start of `s` (a `>` inside a quoted value does not end
+        it), or None to wait for more text."""
+        gt = _tag_end(s)
         if gt >= 0:
             return s[: gt + 1]
         if not final and len(s) < _MAX_TAG:
@@ -845,6 +859,20 @@ def parse_markup(
     for k, piece in enumerate(_MARKUP_RE.split(text)):
         events += p.feed_marker(piece) if k % 2 else p.feed_text(piece)
     return collect(events + p.finish())
+
+
+def _tag_end(s: str) -> int:
+    """Index of the `>` that closes the tag starting s, outside quotes; -1 if not within _MAX_TAG."""
+    quote = ""
+    for i, ch in enumerate(s[:_MAX_TAG]):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == ">":
+            return i
+    return -1
 
 
 def _drop_last_newline(s: str) -> str:

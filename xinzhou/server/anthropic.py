@@ -4,7 +4,7 @@ Content blocks in: text, thinking (with or without a signature; redacted thinkin
 tool_use, tool_result. Out: a thinking block signed by this server (HMAC of the thinking text with
 a per-server key; a block coming back with a signature that does not verify is refused, one
 without a signature is taken as the client's text), text, tool_use. `thinking` may be enabled,
-adaptive or disabled (an M2 model always thinks; disabled only hides the block). Streaming sends
+adaptive or disabled (disabled prefills an empty, closed thinking block: the model answers at once). Streaming sends
 the exact event sequence: message_start, per block content_block_start / _delta / _stop,
 message_delta (stop_reason, usage), message_stop. A tool_use block opens once the call's name has
 parsed and its input streams as `input_json_delta` pieces, one per parameter; a call that turns
@@ -141,11 +141,14 @@ def parse_request(worker: EngineWorker, body: dict, key: bytes) -> dict:
         forced = choice["name"]
     guide = call_guide(worker, tools, forced, "tool_choice")
     messages = to_messages(body, key)
-    prompt = prompt_ids(worker, messages, tools)
+    think = thinking["type"] != "disabled"
+    if not think and guide is not None:
+        raise bad("tool_choice 'any' / 'tool' needs thinking: the forced call opens after the thinking", "tool_choice")
+    prompt = prompt_ids(worker, messages, tools, think)
     params = sampling(worker, prompt, max_tokens, field_of(body, "temperature", (int, float), None),
                       field_of(body, "top_p", (int, float), None), field_of(body, "top_k", int, None), None)
     return dict(prompt=prompt, params=params, tools=tools, guide=guide, stops=stop_list(body.get("stop_sequences"), "stop_sequences"),
-                show_thinking=thinking["type"] != "disabled", stream=bool(field_of(body, "stream", bool, False)))
+                show_thinking=think, stream=bool(field_of(body, "stream", bool, False)))
 
 
 def _stop_reason(done: Done, calls: int) -> str:
@@ -160,7 +163,7 @@ def _usage(done: Done) -> dict:
 
 
 async def complete(worker: EngineWorker, req: dict, model: str, key: bytes) -> dict:
-    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"]))
+    g = await collect(events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"], req["show_thinking"]))
     content: list[dict] = []
     if req["show_thinking"] and g.reasoning:
         content.append({"type": "thinking", "thinking": g.reasoning, "signature": sign(key, g.reasoning)})
@@ -196,7 +199,7 @@ async def stream(worker: EngineWorker, req: dict, model: str, key: bytes) -> Asy
         return out
 
     try:
-        async for ev in events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"]):
+        async for ev in events(worker, req["prompt"], req["params"], req["tools"], req["stops"], req["guide"], req["show_thinking"]):
             if isinstance(ev, ReasoningDelta):
                 if not req["show_thinking"]:
                     continue
@@ -243,4 +246,6 @@ async def stream(worker: EngineWorker, req: dict, model: str, key: bytes) -> Asy
 
 def count_tokens(worker: EngineWorker, body: dict, key: bytes) -> dict:
     tools = _tools(body.get("tools"))
-    return {"input_tokens": len(prompt_ids(worker, to_messages(body, key), tools))}
+    thinking = body.get("thinking") or {}
+    think = not (isinstance(thinking, dict) and thinking.get("type") == "disabled")
+    return {"input_tokens": len(prompt_ids(worker, to_messages(body, key), tools, think))}

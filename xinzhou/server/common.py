@@ -76,9 +76,9 @@ def call_guide(worker: EngineWorker, tools: list[dict] | None, forced: str | boo
     return CallGuide(worker.tokenizer, None if forced is True else forced)
 
 
-def prompt_ids(worker: EngineWorker, messages: list[dict], tools: list[dict] | None) -> list[int]:
+def prompt_ids(worker: EngineWorker, messages: list[dict], tools: list[dict] | None, thinking: bool = True) -> list[int]:
     try:
-        return render(messages, worker.tokenizer, tools=tools, add_generation_prompt=True).ids
+        return render(messages, worker.tokenizer, tools=tools, add_generation_prompt=True, thinking=thinking).ids
     except ValueError as e:  # render names the message and field
         raise bad(str(e), "messages") from None
 
@@ -130,10 +130,10 @@ class Generation:
 
 
 async def events(worker: EngineWorker, prompt: list[int], params: SamplingParams, tools: list[dict] | None,
-                 stops: tuple[str, ...], guide: CallGuide | None = None) -> AsyncIterator[object]:
+                 stops: tuple[str, ...], guide: CallGuide | None = None, thinking: bool = True) -> AsyncIterator[object]:
     """The generation's events (ReasoningDelta, ContentDelta, ToolCallStart/Args/End/Error), then
     Done. If the consumer goes away (a closed stream), the request is cancelled at once."""
-    job = worker.submit(prompt, params, tools, stops, guide)
+    job = worker.submit(prompt, params, tools, stops, guide, thinking)
     finished = False
     try:
         while True:

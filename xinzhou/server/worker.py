@@ -45,6 +45,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     guide: CallGuide | None = None
+    thinking: bool = True  # the prompt leaves the thinking open (False: prefilled empty and closed)
     rid: int | None = None
     parser: StreamParser | None = None
     ids: list[int] = field(default_factory=list)
@@ -73,10 +74,12 @@ class EngineWorker:
         return self.engine.model.config.max_position_embeddings
 
     def submit(self, prompt: list[int], params: SamplingParams, tools: Sequence[dict] | None,
-               stop_strings: tuple[str, ...] = (), guide: CallGuide | None = None) -> _Job:
+               stop_strings: tuple[str, ...] = (), guide: CallGuide | None = None, thinking: bool = True) -> _Job:
         """Queue a generation; its events (chat-format events, then one Done) arrive on job.out.
-        guide: force a tool call (tool_choice required or named)."""
-        job = _Job(prompt, params, tools, stop_strings, asyncio.get_running_loop(), asyncio.Queue(), guide)
+        guide: force a tool call (tool_choice required or named). thinking=False: the prompt was
+        rendered with the thinking closed, so the output is content from the start."""
+        job = _Job(prompt, params, tools, stop_strings, asyncio.get_running_loop(), asyncio.Queue(), guide,
+                   thinking, in_reasoning=thinking)
         self._inbox.put(("add", job))
         self._wake.set()
         return job
@@ -131,7 +134,7 @@ class EngineWorker:
                 except ValueError as e:
                     self._send(job, Done("error", len(job.prompt), 0, 0, 0, error=str(e)))
                     continue
-                job.parser = StreamParser(job.tools, thinking_open=True, tokenizer=self.tokenizer)
+                job.parser = StreamParser(job.tools, thinking_open=job.thinking, tokenizer=self.tokenizer)
                 self._jobs[job.rid] = job
             elif job.rid is not None and job.rid in self._jobs:
                 self.engine.cancel(job.rid)
