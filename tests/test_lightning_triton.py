@@ -258,6 +258,27 @@ def test_decode_matches_step(K, V):
         assert rel_err(state, ref_state) < FP32_TOL
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_decode_steps_pool_rows_in_place(backend):
+    """With slots, sequence b steps row slots[b] of a state pool (the engine's cache); the other
+    rows are untouched."""
+    S, H, K, V = 6, 2, 32, 24
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    pool = torch.randn(S, H, K, V, device=DEVICE)
+    before = pool.clone()
+    q, k = torch.randn(3, H, K, device=DEVICE), torch.randn(3, H, K, device=DEVICE)
+    v = torch.randn(3, H, V, device=DEVICE)
+    o = lightning_decode(q, k, v, slopes_for(H), pool, slots=slots, backend=backend)
+    o_ref, st_ref = lightning_step(q, k, v, slopes_for(H), before[slots])
+    assert rel_err(o, o_ref) < FP32_TOL and rel_err(pool[slots], st_ref) < FP32_TOL
+    assert torch.equal(pool[[1, 3, 5]], before[[1, 3, 5]])
+    if backend == "triton":
+        torch.library.opcheck(torch.ops.xinzhou.lightning_decode.default,
+                              (q, k, v, slopes_for(H), pool.clone(), slots))
+        with pytest.raises(ValueError, match="slots must be"):
+            lightning_decode(q, k, v, slopes_for(H), pool, slots=slots[:2], backend=backend)
+
+
 def test_decode_op_passes_opcheck():
     B, H, K, V = 2, 2, 16, 24
     q, k, v = torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, K, device=DEVICE), torch.randn(B, H, V, device=DEVICE)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xinzhou.config import ModelConfig
+from xinzhou.ops.lightning import lightning_decode
 
 
 def cache_sizes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -63,6 +64,7 @@ class Packing:
     slots: list[int] = field(default_factory=list)
     write_rows: torch.Tensor | None = None  # [total]: pool row each new key goes to (with a cache)
     read_rows: torch.Tensor | None = None  # [N, S]: pool row of every key of each sequence
+    _slot_index: torch.Tensor | None = None  # slots as a device tensor, built on first use
 
     @staticmethod
     def of(seqlens: list[int], device: torch.device, starts: list[int] | None = None) -> Packing:
@@ -113,6 +115,19 @@ class Packing:
         if self.cache is None:
             return self.pad(k).transpose(1, 2), self.pad(v).transpose(1, 2)
         return self.cache.write_and_read(layer, k[0], v[0], self)
+
+    @property
+    def decode_only(self) -> bool:
+        """One new token per sequence, written to a cache: lightning layers step each slot's state
+        in place (`lightning_decode` on the pool) instead of reading and writing copies."""
+        return self.cache is not None and all(n == 1 for n in self.seqlens)
+
+    def decode_in_place(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        slopes: torch.Tensor) -> torch.Tensor:
+        """q, k, v [total, H, D] of a decode step -> o [total, H, D]; each slot's state advanced."""
+        if self._slot_index is None:
+            self._slot_index = torch.tensor(self.slots, dtype=torch.long, device=q.device)
+        return lightning_decode(q, k, v, slopes, self.cache.state[layer], slots=self._slot_index)
 
     def lightning_state(self, layer: int) -> torch.Tensor | None:
         """[N, H, D, D] fp32 states the sequences continue from (None without a cache: zeros)."""

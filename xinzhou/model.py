@@ -105,6 +105,8 @@ class LightningAttention(nn.Module):
         slopes = self.slopes(x.device)
         if packing is None:
             o, _ = lightning_attention(q, k, v, slopes, block_size=self.block_size)
+        elif packing.decode_only:  # one token per slot: the pool's states stepped in place
+            o = packing.decode_in_place(self.layer, q[0], k[0], v[0], slopes)[None]
         else:  # B = 1 packed: each sequence continues from its own state (its slot's, or zero)
             o, state = lightning_attention(
                 q, k, v, slopes, initial_state=packing.lightning_state(self.layer),

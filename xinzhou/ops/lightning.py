@@ -92,12 +92,17 @@ def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes:
 
 
 def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                     state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Advance a batch of states by one token, in place: q, k, v [B, H, D]; state [B, H, D, D] fp32.
-    Returns o [B, H, D]."""
+                     state: torch.Tensor, slots: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Advance a batch of states by one token, in place: q, k, v [B, H, D]; state [B, H, D, D] fp32,
+    or with `slots` ([B] distinct ints) a pool [S, H, D, D] whose row slots[b] is sequence b's
+    state (the engine's cache). Returns o [B, H, D]."""
     module = _triton_backend(q, backend)
     if module is not None:
-        return module.lightning_decode_triton(q, k, v, slopes, state)
-    o, new_state = lightning_step(q, k, v, slopes, state)
-    state.copy_(new_state)
+        return module.lightning_decode_triton(q, k, v, slopes, state, slots)
+    if slots is None:
+        o, new_state = lightning_step(q, k, v, slopes, state)
+        state.copy_(new_state)
+        return o
+    o, new_state = lightning_step(q, k, v, slopes, state[slots])
+    state.index_copy_(0, slots, new_state)
     return o

@@ -410,8 +410,8 @@ def _bwd_dv_kernel(q, k, do, dv, slopes, sums, dht, cu_seqlens, seg_offsets, seg
 
 
 @triton.jit
-def _decode_kernel(q, k, v, state, o, slopes, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
+def _decode_kernel(q, k, v, state, o, slopes, slots, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr):
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     slope = tl.load(slopes + i_h).to(tl.float32)
@@ -420,10 +420,14 @@ def _decode_kernel(q, k, v, state, o, slopes, H: tl.constexpr, K: tl.constexpr, 
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     base = i_bh.to(tl.int64)
+    if HAS_SLOTS:  # sequence b's state is row slots[b] of a pool
+        s_row = tl.load(slots + i_bh // H).to(tl.int64) * H + i_h
+    else:
+        s_row = base
     b_q = tl.load(q + base * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_k = tl.load(k + base * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_v = tl.load(v + base * V + o_v, mask=m_v, other=0.).to(tl.float32)
-    p_s = state + base * K * V + o_k[:, None] * V + o_v[None, :]
+    p_s = state + s_row * K * V + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s, mask=m_kv, other=0.)
     b_s = b_s * tl.exp(-slope) + b_k[:, None] * b_v[None, :]
     tl.store(p_s, b_s, mask=m_kv)
@@ -666,17 +670,24 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                            state: torch.Tensor) -> torch.Tensor:
+                            state: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
     """One step for a batch of states, in place: q, k [B, H, K]; v [B, H, V]; state [B, H, K, V] fp32
-    contiguous. Returns o = q (lambda S + k^T v): [B, H, V] in q's dtype."""
+    contiguous, or with `slots` ([B] ints, distinct) a pool [S, H, K, V] whose row slots[b] is
+    sequence b's state (the engine's cache: read and written once, no gather). Returns
+    o = q (lambda S + k^T v): [B, H, V] in q's dtype."""
     if q.dim() != 3 or q.shape != k.shape or q.shape[:2] != v.shape[:2]:
         raise ValueError(f"q, k, v must be [B, H, D] with equal B, H: got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     B, H, K = q.shape
     V = v.shape[-1]
-    if state.shape != (B, H, K, V) or state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 [B, H, K, V] = {[B, H, K, V]}: got "
-                         f"{state.dtype} {list(state.shape)}, contiguous={state.is_contiguous()}")
+    rows = B if slots is None else state.shape[0]
+    if state.shape != (rows, H, K, V) or state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 [{'B' if slots is None else 'S'}, H, K, V] = "
+                         f"{[rows, H, K, V]}: got {state.dtype} {list(state.shape)}, contiguous={state.is_contiguous()}")
+    if slots is not None and (slots.shape != (B,) or slots.dtype not in (torch.int32, torch.int64)
+                              or slots.device != q.device):
+        raise ValueError(f"slots must be a [B] = [{B}] int32/int64 tensor on {q.device}: got {slots.dtype} "
+                         f"{list(slots.shape)} on {slots.device}")
     if max(K, V) > MAX_HEAD_DIM:
         raise ValueError(f"triton lightning decode supports head dims up to {MAX_HEAD_DIM}: got K = {K}, V = {V}")
     if slopes.shape != (H,):
@@ -684,12 +695,13 @@ def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if not q.is_cuda and not INTERPRET:
         raise RuntimeError("triton lightning decode got CPU tensors: set TRITON_INTERPRET=1 before triton is "
                            "first imported, or use backend='reference'")
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(), state)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), slopes.detach().float().contiguous(), state,
+            None if slots is None else slots.contiguous())
     return _decode_op(*args) if torch.compiler.is_compiling() else _decode_impl(*args)
 
 
 def _decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                 state: torch.Tensor) -> torch.Tensor:
+                 state: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
     B, H, K = q.shape
     V = v.shape[-1]
     o = _empty((B, H, V), q.dtype, q.device)
@@ -698,7 +710,8 @@ def _decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torc
     BK = _p2(K)
     BV = min(_p2(V), 32 if BK <= 128 else 16)  # keeps the fp32 state tile at <= 4K elements per program
     with on_device(q):
-        _decode_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, state, o, slopes, H=H, K=K, V=V, BK=BK, BV=BV,
+        _decode_kernel[(B * H, triton.cdiv(V, BV))](q, k, v, state, o, slopes, slots if slots is not None else o,
+                                                    H=H, K=K, V=V, BK=BK, BV=BV, HAS_SLOTS=slots is not None,
                                                     num_warps=4)
     return o
 
@@ -707,5 +720,5 @@ _decode_op = torch.library.custom_op("xinzhou::lightning_decode", _decode_impl, 
 
 
 @_decode_op.register_fake
-def _(q, k, v, slopes, state):
+def _(q, k, v, slopes, state, slots=None):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
