@@ -220,6 +220,38 @@ def test_tool_samples_are_consistent() -> None:
         assert not tools.verify_answer(gold_parsed(first), s)  # the call turn is not an answer
 
 
+def test_multi_step_tool_samples_run_through_the_agent_loop() -> None:
+    """"total": two prices in one turn, their sum, the answer. A client that replays the gold turns
+    through the real agent loop and tools reaches the answer in three model calls, each call's
+    tool results being the real ones the gold conversation holds."""
+    from xinzhou.agent import loop
+    from xinzhou.agent.client import Client, ToolCall, ToolOutput, Turn
+
+    samples = generate("tools", "test", 50, seed=0, kinds=("total",))
+    assert len({s.messages[0]["content"] for s in samples}) == 50
+    for s in samples:
+        (i1, q1), (i2, q2) = s.meta["arguments"]["items"]
+        assert int(s.answer) == q1 * tools.PRICES[i1] + q2 * tools.PRICES[i2]
+        turns = [m for m in s.target if m["role"] == "assistant"]
+
+        class Gold(Client):
+            def complete(self, history, specs, system=None):
+                results = [h.content for h in history if isinstance(h, ToolOutput)]
+                want = [m["content"] for m in s.target if m["role"] == "tool"][:len(results)]
+                assert results == want  # the real tools gave what the gold conversation says
+                m = turns[sum(isinstance(h, Turn) for h in history)]
+                return Turn(m["reasoning_content"], m["content"], [
+                    ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])])
+
+        events = list(loop.run(Gold("", "gold"), s.messages[0]["content"], tools.task_tools(), max_steps=4))
+        assert isinstance(events[-1], loop.Final) and events[-1].steps == 3
+        assert verify(s, gold_parsed(turns[-1])) and not verify(s, answer_only(str(int(s.answer) + 1)))
+    assert not {s.meta["key"] for s in samples} & {s.meta["key"] for s in generate("tools", "train", 500, 0,
+                                                                                   kinds=("total",))}
+    # the L4 set is unchanged by the new kind: its default draw has no multi-step questions
+    assert all(s.meta["tool"] != "total" for s in generate("tools", "test", 200, seed=0))
+
+
 def test_tool_implementations() -> None:
     assert tools.execute("calculator", {"a": 4821, "op": "*", "b": 37}) == "178377"
     assert tools.execute("calculator", {"a": 5, "op": "-", "b": 9}) == "-4"

@@ -66,28 +66,67 @@ def execute(name: str, arguments: object, tools: list[dict] | None = None) -> st
     return _IMPLEMENTATIONS[name](arguments).content
 
 
+KINDS = ("calculator", "get_price", "total")
+
+
+def _call(i: int, name: str, args: dict) -> dict:
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _total(args: dict) -> Sample:
+    """The multi-step kind: two prices in one turn (parallel calls), then their sum by the
+    calculator, then the answer: three model turns, each thinking about what the last one found."""
+    (i1, q1), (i2, q2) = args["items"]
+    r1, r2 = execute("get_price", {"item": i1, "quantity": q1}), execute("get_price", {"item": i2, "quantity": q2})
+    add = {"a": int(r1), "op": "+", "b": int(r2)}
+    total = execute("calculator", add)
+    return Sample(
+        messages=[{"role": "user", "content": f"What do {q1} {i1}s and {q2} {i2}s cost together?"}],
+        target=[
+            assistant("", f"Price the {i1}s and the {i2}s, then add.",
+                      [_call(0, "get_price", {"item": i1, "quantity": q1}),
+                       _call(1, "get_price", {"item": i2, "quantity": q2})]),
+            {"role": "tool", "tool_call_id": "call_0", "content": r1},
+            {"role": "tool", "tool_call_id": "call_1", "content": r2},
+            assistant("", f"The {i1}s cost {r1}, the {i2}s {r2}: add them.", [_call(2, "calculator", add)]),
+            {"role": "tool", "tool_call_id": "call_2", "content": total},
+            assistant(total, f"The total is {total}."),
+        ],
+        answer=total, level=LEVEL, family=FAMILY, tools=TOOLS,
+        meta={"tool": "total", "arguments": args, "steps": 3},
+    )
+
+
 def generate(
     split: str, n: int, seed: int, *, kinds: tuple[str, ...] = ("calculator", "get_price")
 ) -> list[Sample]:
-    """`n` questions, each needing one call to a tool of `kinds`; both tools are always offered."""
-    if not kinds or any(k not in ("calculator", "get_price") for k in kinds):
-        raise ValueError(f"tools: kinds must be a non-empty subset of ('calculator', 'get_price'), got {kinds!r}")
+    """`n` questions of `kinds`: "calculator" and "get_price" need one call (the L4 set), "total"
+    three model turns (two prices, their sum, the answer); both tools are always offered."""
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"tools: kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
 
     def propose(rng: random.Random) -> tuple[str, tuple[str, dict]]:
-        if rng.choice(kinds) == "calculator":
+        kind = rng.choice(kinds)
+        if kind == "calculator":
             args = {"a": rng.randint(100, 9999), "op": rng.choice("+-*"), "b": rng.randint(10, 999)}
             return f"calculator:{args['a']}{args['op']}{args['b']}", ("calculator", args)
+        if kind == "total":
+            i1, i2 = rng.sample(ITEMS, 2)
+            args = {"items": [[i1, rng.randint(2, 99)], [i2, rng.randint(2, 99)]]}
+            return f"total:{json.dumps(args['items'])}", ("total", args)
         args = {"item": rng.choice(ITEMS), "quantity": rng.randint(2, 99)}
         return f"get_price:{args['item']}:{args['quantity']}", ("get_price", args)
 
     def build(p: tuple[str, dict], rng: random.Random) -> Sample:
         name, args = p
+        if name == "total":
+            return _total(args)
         if name == "calculator":
             question = f"What is {args['a']}{args['op']}{args['b']}?"
         else:
             question = f"What do {args['quantity']} {args['item']}s cost?"
         result = execute(name, args)
-        call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": args}}
+        call = _call(0, name, args)
         return Sample(
             messages=[{"role": "user", "content": question}],
             target=[
