@@ -385,23 +385,41 @@ def test_streaming_second_tool_call(tok: Tokenizer) -> None:
         assert not [e for e in events if isinstance(e, ContentDelta)]
 
 
-def test_arguments_stream_one_parameter_at_a_time(tok: Tokenizer) -> None:
+def test_arguments_stream_as_they_are_written(tok: Tokenizer) -> None:
+    """A string value streams as its text arrives; a typed value comes whole when it completes."""
     gen = ('r</think>\n\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">'
-           'Z\u00fcrich</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n</minimax:tool_call>')
+           'Z\u00fcrich am See</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n</minimax:tool_call>')
     ids = _markup_ids(tok, gen)
-    events = _stream_ids(tok, ids, list(range(len(ids))), TOOLS)
-    kinds = [type(e).__name__ for e in events if not isinstance(e, ReasoningDelta)]
-    assert kinds == ["ToolCallStart", "ToolCallArgs", "ToolCallArgs", "ToolCallArgs", "ToolCallEnd"]
-    pieces = [e.delta for e in events if isinstance(e, ToolCallArgs)]
-    assert pieces == ['{"city": "Z\u00fcrich"', ', "days": 3', "}"]  # typed by the schema
-    end = events[-1]
-    assert "".join(pieces) == json.dumps(end.arguments, ensure_ascii=False)
-    # the first piece arrives before the second value is written
-    cut = gen.index("3</parameter>")
+    events = _stream_ids(tok, ids, list(range(len(ids))), TOOLS)  # one token at a time
+    calls = [e for e in events if not isinstance(e, ReasoningDelta)]
+    assert isinstance(calls[0], ToolCallStart) and isinstance(calls[-1], ToolCallEnd)
+    pieces = [e.delta for e in calls if isinstance(e, ToolCallArgs)]
+    assert pieces[0] == '{"city": "' and pieces[-2:] == [', "days": 3', "}"]  # typed by the schema
+    assert len(pieces) > 4  # the city's text came in several pieces
+    assert "".join(pieces) == json.dumps(calls[-1].arguments, ensure_ascii=False)
+    # text is streamed before its parameter is closed, but never a possible start of the closing tag
+    cut = gen.index("</parameter>") + len("</para")
     p = StreamParser(TOOLS)
-    early = p.feed_marker("</think>") + p.feed_text(gen[len("r</think>"):cut].split("<minimax:tool_call>")[0])
-    early += p.feed_marker("<minimax:tool_call>") + p.feed_text(gen[gen.index("\n<invoke"):cut])
-    assert [e.delta for e in early if isinstance(e, ToolCallArgs)] == ['{"city": "Z\u00fcrich"']
+    early = p.feed_marker("</think>") + p.feed_text("\n\n") + p.feed_marker("<minimax:tool_call>")
+    early += p.feed_text(gen[gen.index("\n<invoke"):cut])
+    assert "".join(e.delta for e in early if isinstance(e, ToolCallArgs)) == '{"city": "Z\u00fcrich am See'
+
+
+@pytest.mark.parametrize("value", ["\nline one\nline two\n", "\n", "a\n\n", "say </parameter> then", 'q"\\'])
+def test_streamed_string_values_match_the_parsed_value(tok: Tokenizer, value: str) -> None:
+    gen = ('r</think>\n\n<minimax:tool_call>\n<invoke name="search">\n<parameter name="query">' + value +
+           '</parameter>\n</invoke>\n</minimax:tool_call>')
+    for cuts in (list(range(len(gen))), []):
+        events = _stream_markup(gen, cuts, TOOLS)
+        end = next(e for e in events if isinstance(e, ToolCallEnd))
+        streamed = "".join(e.delta for e in events if isinstance(e, ToolCallArgs))
+        assert streamed == json.dumps(end.arguments, ensure_ascii=False)
+    # cut off inside the string: what was streamed is closed as a JSON object
+    cut = gen.index('name="query">') + len('name="query">') + max(1, len(value) // 2)
+    p = StreamParser(TOOLS)
+    evs = p.feed_marker("</think>") + p.feed_text("\n\n") + p.feed_marker("<minimax:tool_call>")
+    evs += p.feed_text(gen[gen.index("\n<invoke"):cut]) + p.finish()
+    assert isinstance(json.loads("".join(e.delta for e in evs if isinstance(e, ToolCallArgs))), dict)
 
 
 def test_a_parameter_given_twice_fails_the_call(tok: Tokenizer) -> None:

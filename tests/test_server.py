@@ -310,7 +310,7 @@ def _chat_stream(oc, **kw):
     return order, args, finish
 
 
-def test_tool_calls_stream_header_first_then_one_delta_per_parameter(oc, calling_question):
+def test_tool_calls_stream_header_first_then_the_arguments_as_written(oc, calling_question):
     question, want = calling_question
     messages = [{"role": "user", "content": question}]
     r = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, **GREEDY)
@@ -318,7 +318,8 @@ def test_tool_calls_stream_header_first_then_one_delta_per_parameter(oc, calling
     order, args, finish = _chat_stream(oc, messages=messages, tools=TOOLS, max_tokens=64)
     n_params = len(want.tool_calls[0]["function"]["arguments"])
     assert order[0] == ("header", 0, final.name)
-    assert order[1:n_params + 2] == [("args", 0)] * (n_params + 1)  # each parameter, then the closing brace
+    args_chunks = [o for o in order[1:] if o[0] == "args"]
+    assert order[1:len(args_chunks) + 1] == args_chunks and len(args_chunks) >= n_params + 1
     assert args[0] == final.arguments and finish == "tool_calls"  # the very same string
 
 

@@ -56,8 +56,10 @@ order of precedence:
 - Values are converted with the tool's JSON schema (strings raw, everything else JSON); a
   parameter the schema does not describe, or any parameter when `tools` is None, stays a string.
 - A call streams as it is generated: `ToolCallStart` once its `<invoke name=...>` tag has parsed
-  (for a tool in `tools`), a `ToolCallArgs` JSON piece per parameter as each value completes,
-  the closing brace, then `ToolCallEnd` with the typed arguments.
+  (for a tool in `tools`), then `ToolCallArgs` JSON pieces: a string-valued parameter's text as
+  it comes (held back only where it could still be the closing tag or the stripped newline),
+  any other parameter whole when its value completes, the closing brace, then `ToolCallEnd`
+  with the typed arguments.
 - Failures never raise: a call to a tool not in `tools`, an unterminated or malformed call, or a
   parameter given twice is reported as a `ToolCallError` event (`ParsedMessage.errors`), dropped from `tool_calls`, and
   its raw text is given back as content.
@@ -492,6 +494,7 @@ class StreamParser:
         self._params: list[tuple[str, str]] = []
         self._param = ""
         self._search_from = 0
+        self._streamed = None  # the string value streamed so far of the current parameter, or None
 
     def feed_ids(self, ids: Iterable[int]) -> list[Event]:
         """Generated token ids; only the tokenizer's special ids are structure."""
@@ -704,10 +707,15 @@ class StreamParser:
             if m is None:
                 self._fail(f"malformed tag {tag!r}")
                 return True
+            name = next(g for g in m.groups() if g is not None)
+            if any(n == name for n, _ in self._params):
+                self._fail(f"parameter {name!r} given twice")
+                return True
             self._raw += ws + tag
             self._buf = s[len(tag):]
-            self._param = next(g for g in m.groups() if g is not None)
+            self._param = name
             self._search_from = 0
+            self._streamed = None
             self._state = "param"
             return True
         if s.startswith(_INVOKE_CLOSE):
@@ -726,15 +734,16 @@ class StreamParser:
             i = buf.find(_PARAM_CLOSE, self._search_from)
             if i < 0:
                 self._search_from = max(0, len(buf) - len(_PARAM_CLOSE) + 1)
+                # certain: all but a tail that could begin "</parameter>"
+                keep = next((k for k in range(min(len(_PARAM_CLOSE) - 1, len(buf)), 0, -1)
+                             if _PARAM_CLOSE.startswith(buf[-k:])), 0)
+                self._stream_value(len(buf) - keep)
                 return False  # the closing marker or the end reports the unterminated value
             j = i + len(_PARAM_CLOSE)
             k = _SPACES.match(buf, j).end()  # type: ignore[union-attr]
             after = buf[k: k + _LOOKAHEAD]  # no copy of a long remainder
             # final and nothing after: the value ends right before the closing marker
             if after.startswith(_AFTER_PARAM) or (final and not after):
-                if any(name == self._param for name, _ in self._params):
-                    self._fail(f"parameter {self._param!r} given twice")
-                    return True
                 self._params.append((self._param, buf[:i]))
                 self._stream_param()
                 self._raw += buf[:j]
@@ -744,6 +753,7 @@ class StreamParser:
             if not final and len(after) < _LOOKAHEAD and any(p.startswith(after)
                                                              for p in _AFTER_PARAM):
                 self._search_from = i  # cannot tell yet what follows this "</parameter>"
+                self._stream_value(i)
                 return False
             self._search_from = i + 1  # a literal "</parameter>" inside the value
 
@@ -779,16 +789,56 @@ class StreamParser:
         props = (self._schemas or {}).get(self._call_name, {})
         return value_from_text(raw, props.get(name) if self._schemas is not None else None)
 
+    def _string_valued(self, name: str) -> bool:
+        """Whether the parameter's value stays the text as written (so it can stream as it comes)."""
+        if self._schemas is None:
+            return True
+        spec = self._schemas.get(self._call_name, {}).get(name)
+        return spec is None or (isinstance(spec, Mapping) and spec.get("type") == "string"
+                                and not any(k in spec for k in ("enum", "anyOf", "oneOf")))
+
+    def _stream_value(self, upto: int) -> None:
+        """Stream the part of a string value that is certain (the buffer before `upto`), less one
+        trailing newline, which may be the separator value_from_text strips."""
+        if self._call is None or not self._string_valued(self._param):
+            return
+        raw = self._buf[:upto]
+        if raw.startswith("\n"):
+            raw = raw[1:]
+        elif not raw:
+            return  # a first "\n" (stripped) may still come
+        if raw.endswith("\n"):
+            raw = raw[:-1]
+        sent = self._streamed or ""
+        if len(raw) <= len(sent):
+            return
+        if self._streamed is None:
+            sep = "{" if not self._params else ", "
+            self._emit(ToolCallArgs(self._call.index, sep + json.dumps(self._param, ensure_ascii=False) + ': "'))
+        self._emit(ToolCallArgs(self._call.index, json.dumps(raw[len(sent):], ensure_ascii=False)[1:-1]))
+        self._streamed = raw
+
     def _stream_param(self) -> None:
-        """The JSON text of the parameter just parsed, as the started call's next piece."""
+        """The rest of the JSON text of the parameter just parsed, as the started call's next piece."""
         if self._call is None:
             return
         name, raw = self._params[-1]
+        value = self._value(name, raw)
+        if self._streamed is not None:  # a string already streaming: its rest and the closing quote
+            self._emit(ToolCallArgs(self._call.index, json.dumps(value[len(self._streamed):],
+                                                                 ensure_ascii=False)[1:-1] + '"'))
+            self._streamed = None
+            return
         sep = "{" if len(self._params) == 1 else ", "
-        piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(self._value(name, raw), ensure_ascii=False)
+        piece = json.dumps(name, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False)
         self._emit(ToolCallArgs(self._call.index, sep + piece))
 
     def _close_args(self) -> None:
+        if self._streamed is not None:  # a string value cut off: close it
+            self._emit(ToolCallArgs(self._call.index, '"'))
+            self._streamed = None
+            self._emit(ToolCallArgs(self._call.index, "}"))
+            return
         self._emit(ToolCallArgs(self._call.index, "}" if self._params else "{}"))
 
     def _end_call(self) -> None:

@@ -7,7 +7,7 @@ without a signature is taken as the client's text), text, tool_use. `thinking` m
 adaptive or disabled (disabled prefills an empty, closed thinking block: the model answers at once). Streaming sends
 the exact event sequence: message_start, per block content_block_start / _delta / _stop,
 message_delta (stop_reason, usage), message_stop. A tool_use block opens once the call's name has
-parsed and its input streams as `input_json_delta` pieces, one per parameter; a call that turns
+parsed and its input streams as `input_json_delta` pieces (string values as written); a call that turns
 out malformed (or is cut off by max_tokens) is closed with the input that parsed and its text
 follows as a text block, as in the non-streamed reply. tool_choice `any` or `tool` forces the
 call's opening (chat_format.CallGuide); the model writes the input.

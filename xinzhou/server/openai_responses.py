@@ -11,7 +11,7 @@ tool forces the call's opening (chat_format.CallGuide). Output: reasoning, messa
 function_call and custom_tool_call items. The
 stream carries a `type` and a `sequence_number` in every event: response.created,
 response.in_progress, per item output_item.added / .done (with content_part, output_text and
-reasoning_text deltas, function_call_arguments delta / done, one delta per parameter as it is
+reasoning_text deltas, function_call_arguments delta / done, streamed as the arguments are
 generated, custom_tool_call_input delta / done), response.completed with the whole response
 object; item ids and call ids are the same in the stream and in that object. A call that turns
 out malformed, or is cut off, after its item was added is closed with status "incomplete" and
