@@ -410,6 +410,8 @@ class ToolCallArgs:
     object). The pieces of a call that ends concatenate to json.dumps(arguments, ensure_ascii=False)."""
     index: int
     delta: str
+    param: str | None = None  # with `text`: the string parameter this piece of its value belongs to
+    text: str | None = None  # that piece of the value as text (the delta JSON-escapes it)
 
 
 @dataclass(frozen=True)
@@ -815,7 +817,8 @@ class StreamParser:
         if self._streamed is None:
             sep = "{" if not self._params else ", "
             self._emit(ToolCallArgs(self._call.index, sep + json.dumps(self._param, ensure_ascii=False) + ': "'))
-        self._emit(ToolCallArgs(self._call.index, json.dumps(raw[len(sent):], ensure_ascii=False)[1:-1]))
+        piece = raw[len(sent):]
+        self._emit(ToolCallArgs(self._call.index, json.dumps(piece, ensure_ascii=False)[1:-1], self._param, piece))
         self._streamed = raw
 
     def _stream_param(self) -> None:
@@ -825,8 +828,8 @@ class StreamParser:
         name, raw = self._params[-1]
         value = self._value(name, raw)
         if self._streamed is not None:  # a string already streaming: its rest and the closing quote
-            self._emit(ToolCallArgs(self._call.index, json.dumps(value[len(self._streamed):],
-                                                                 ensure_ascii=False)[1:-1] + '"'))
+            rest = value[len(self._streamed):]
+            self._emit(ToolCallArgs(self._call.index, json.dumps(rest, ensure_ascii=False)[1:-1] + '"', name, rest))
             self._streamed = None
             return
         sep = "{" if len(self._params) == 1 else ", "

@@ -290,16 +290,23 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
                 call["arguments"] += ev.delta
                 yield sse("response.function_call_arguments.delta", {"item_id": call["id"], "output_index": len(output) - 1,
                                                                      "delta": ev.delta})
+            elif isinstance(ev, ToolCallArgs) and call is not None and ev.param == "input" and ev.text:
+                call["input"] += ev.text  # a custom tool's input, as the model writes it
+                yield sse("response.custom_tool_call_input.delta", {"item_id": call["id"], "output_index": len(output) - 1,
+                                                                    "delta": ev.text})
             elif isinstance(ev, (ToolCallEnd, ToolCallError)) and call is not None:
                 idx = len(output) - 1
+                streamed = call.get("input", "")
                 if isinstance(ev, ToolCallEnd):
                     output[idx] = call = {**_call_item(ev.id, ev.name, req["custom"], ev.arguments), "id": call["id"]}
                 else:
                     call["status"] = "incomplete"
                 if call["type"] == "custom_tool_call":
-                    if call["input"]:
+                    # what the stream has not carried yet (all of it when the model wrote other parameters)
+                    rest = call["input"][len(streamed):] if call["input"].startswith(streamed) else call["input"]
+                    if rest:
                         yield sse("response.custom_tool_call_input.delta", {"item_id": call["id"], "output_index": idx,
-                                                                            "delta": call["input"]})
+                                                                            "delta": rest})
                     yield sse("response.custom_tool_call_input.done", {"item_id": call["id"], "output_index": idx,
                                                                        "input": call["input"]})
                 else:
