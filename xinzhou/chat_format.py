@@ -373,12 +373,11 @@ class CallGuide:
         """(the token to force, or None; the ids banned) for the next token after `output`."""
         if self._think_close not in output:
             return None, self._ends
-        k = len(output) - output.index(self._think_close) - 1
+        start = output.index(self._think_close) + 1  # where the forced ids begin
+        k = len(output) - start
         if k < len(self.forced):
             return self.forced[k], ()
-        if self._call_close in output[output.index(self._think_close) + 1 + len(self.forced):]:
-            return None, ()
-        return None, self._ends
+        return None, (() if self._call_close in output[start + len(self.forced):] else self._ends)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,9 +404,10 @@ class ToolCallStart:
 
 @dataclass(frozen=True)
 class ToolCallArgs:
-    """A piece of the started call's arguments as JSON text: one per parameter as it completes,
-    then the closing brace (also when the call fails, so what was streamed is always a JSON
-    object). The pieces of a call that ends concatenate to json.dumps(arguments, ensure_ascii=False)."""
+    """A piece of the started call's arguments as JSON text: a string value's text as it comes,
+    any other value whole when it completes, then the closing brace (also when the call fails, so
+    what was streamed is always a JSON object). The pieces of a call that ends concatenate to
+    json.dumps(arguments, ensure_ascii=False)."""
     index: int
     delta: str
     param: str | None = None  # with `text`: the string parameter this piece of its value belongs to

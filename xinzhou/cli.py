@@ -200,8 +200,7 @@ def report(ckpt: Path | None, out_dir: Path, n: int = 200, endpoint: str | None 
     try:
         results = capability_report(client, n=n)
     finally:
-        if hasattr(client, "close"):
-            client.close()
+        client.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"{REPORT_TITLE}\n\n{source}, held-out samples, greedy decoding.\n\n" + report_markdown(results)
     if previous is not None:

@@ -92,6 +92,9 @@ class Client(abc.ABC):
     def complete(self, history: History, tools: list[dict], system: str | None = None) -> Turn:
         """The model's next turn, with the history sent in this protocol's own form."""
 
+    def close(self) -> None:
+        """Release what the client holds (an HTTP client holds nothing that outlives it)."""
+
 
 class ChatCompletionsClient(Client):
     protocol = "openai"
@@ -102,21 +105,17 @@ class ChatCompletionsClient(Client):
         self.sdk = openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, timeout=self.timeout)
 
     def messages(self, history: History, system: str | None) -> list[dict]:
-        out: list[dict] = [{"role": "system", "content": system}] if system else []
-        for h in history:
-            if isinstance(h, str):
-                out.append({"role": "user", "content": h})
-            elif isinstance(h, ToolOutput):
-                out.append({"role": "tool", "tool_call_id": h.call_id, "content": h.content})
-            else:
-                m: dict[str, Any] = {"role": "assistant", "content": h.content}
-                if self.keep_thinking and h.reasoning:
-                    m["reasoning_details"] = [{"type": "reasoning.text", "text": h.reasoning}]
-                if h.tool_calls:
-                    m["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                        "name": c.name, "arguments": c.arguments if isinstance(c.arguments, str)
-                        else json.dumps(c.arguments, ensure_ascii=False)}} for c in h.tool_calls]
-                out.append(m)
+        """chat_messages in the wire form: thinking as reasoning_details, arguments as JSON strings."""
+        out = chat_messages(history, system, self.keep_thinking)
+        for m in out:
+            if m["role"] != "assistant":
+                continue
+            if "reasoning_content" in m:
+                m["reasoning_details"] = [{"type": "reasoning.text", "text": m.pop("reasoning_content")}]
+            for c in m.get("tool_calls", []):
+                fn = c["function"]
+                if not isinstance(fn["arguments"], str):
+                    fn["arguments"] = json.dumps(fn["arguments"], ensure_ascii=False)
         return out
 
     def complete(self, history: History, tools: list[dict], system: str | None = None) -> Turn:

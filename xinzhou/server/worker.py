@@ -10,8 +10,6 @@ through `chat_format.StreamParser.feed_ids`, so only special token ids are struc
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from xinzhou.chat_format import (CallGuide, ContentDelta, Event, ReasoningDelta, StreamParser, ToolCallArgs, ToolCallEnd,
                                  ToolCallError, ToolCallStart)
 from xinzhou.engine import Engine, Finished, SamplingParams, Token
+from xinzhou.engine.threaded import EngineThread
 from xinzhou.tokenizer import Tokenizer
 
 
@@ -56,18 +55,15 @@ class _Job:
     held: str = ""  # content that could be the start of a stop string
 
 
-class EngineWorker:
-    """Runs `Engine.step` in a background thread; `submit` from any asyncio task."""
+class EngineWorker(EngineThread):
+    """Runs `Engine.step` in a background thread (xinzhou.engine.threaded.EngineThread); `submit`
+    from any asyncio task."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, **engine_kw: Any) -> None:
+        super().__init__(Engine(model, tokenizer, **engine_kw))
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer, **engine_kw)
-        self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, _Job] = {}
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="xinzhou-engine", daemon=True)
-        self._thread.start()
+        self.start()
 
     @property
     def max_context(self) -> int:
@@ -80,64 +76,47 @@ class EngineWorker:
         rendered with the thinking closed, so the output is content from the start."""
         job = _Job(prompt, params, tools, stop_strings, asyncio.get_running_loop(), asyncio.Queue(), guide,
                    thinking, in_reasoning=thinking)
-        self._inbox.put(("add", job))
-        self._wake.set()
+        self.post(("add", job))
         return job
 
     def cancel(self, job: _Job) -> None:
-        self._inbox.put(("cancel", job))
-        self._wake.set()
+        self.post(("cancel", job))
 
-    def close(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
+    def close(self, timeout: float = 10.0) -> None:
+        super().close(timeout)
 
     # the engine thread ------------------------------------------------------------------------
     def _send(self, job: _Job, item: object) -> None:
         job.loop.call_soon_threadsafe(job.out.put_nowait, item)
 
-    def _run(self) -> None:
-        while not self._stop:
-            self._drain()
-            if not self.engine.has_work():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
+    def handle(self, item: tuple[str, _Job]) -> None:  # type: ignore[override]
+        kind, job = item
+        if kind == "add":
             try:
-                events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - one failed step must not kill the server
-                for job in list(self._jobs.values()):
-                    self._send(job, Done("error", len(job.prompt), 0, len(job.ids), job.reasoning_tokens,
-                                         error=f"{type(e).__name__}: {e}"))
-                    self.engine.cancel(job.rid)
-                self._jobs.clear()
-                continue
-            for ev in events:
-                job = self._jobs.get(ev.request_id)
-                if job is None:
-                    continue
-                if isinstance(ev, Token):
-                    self._token(job, ev)
-                elif isinstance(ev, Finished):
-                    self._finish(job, ev)
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                kind, job = self._inbox.get_nowait()
-            except queue.Empty:
+                job.rid = self.engine.add_request(job.prompt, job.params, guide=job.guide)
+            except ValueError as e:
+                self._send(job, Done("error", len(job.prompt), 0, 0, 0, error=str(e)))
                 return
-            if kind == "add":
-                try:
-                    job.rid = self.engine.add_request(job.prompt, job.params, guide=job.guide)
-                except ValueError as e:
-                    self._send(job, Done("error", len(job.prompt), 0, 0, 0, error=str(e)))
-                    continue
-                job.parser = StreamParser(job.tools, thinking_open=job.thinking, tokenizer=self.tokenizer)
-                self._jobs[job.rid] = job
-            elif job.rid is not None and job.rid in self._jobs:
-                self.engine.cancel(job.rid)
+            job.parser = StreamParser(job.tools, thinking_open=job.thinking, tokenizer=self.tokenizer)
+            self._jobs[job.rid] = job
+        elif job.rid is not None and job.rid in self._jobs:
+            self.engine.cancel(job.rid)
+
+    def on_event(self, ev: object) -> None:
+        job = self._jobs.get(ev.request_id)  # type: ignore[attr-defined]
+        if job is None:
+            return
+        if isinstance(ev, Token):
+            self._token(job, ev)
+        elif isinstance(ev, Finished):
+            self._finish(job, ev)
+
+    def step_failed(self, error: Exception) -> None:
+        for job in list(self._jobs.values()):
+            self._send(job, Done("error", len(job.prompt), 0, len(job.ids), job.reasoning_tokens,
+                                 error=f"{type(error).__name__}: {error}"))
+            self.engine.cancel(job.rid)
+        self._jobs.clear()
 
     def _token(self, job: _Job, ev: Token) -> None:
         job.ids.append(ev.token_id)
