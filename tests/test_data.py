@@ -177,3 +177,14 @@ def test_malformed_shard_meta_is_named(meta, message, shard):
 def test_missing_shard_directory(tmp_path):
     with pytest.raises(DataError, match=r"nowhere: no such shard directory"):
         PackedLoader(tmp_path / "nowhere", seq_len=8, batch_size=1)
+
+
+def test_segment_ids_mark_each_document(tmp_path):
+    path = write_shards([([1, 2, 3], [1, 1, 1]), ([4, 5], [1, 1]), ([6, 7, 8, 9], [1, 1, 1, 1])], tmp_path / "s",
+                        vocab_size=10)
+    x, y, seg = PackedLoader(path, seq_len=12, batch_size=1).next_packed()
+    assert x[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]
+    # inputs of one document share an id; the padding after the last input is a segment of its own
+    s = seg[0].tolist()
+    assert s[:3] == [s[0]] * 3 and s[3:5] == [s[3]] * 2 and s[5:8] == [s[5]] * 3 and s[8:] == [s[8]] * 4
+    assert len({s[0], s[3], s[5], s[8]}) == 4

@@ -327,3 +327,20 @@ def test_gpu_long_sequence_bf16():
     ref = run_with_grads(lambda: lightning_blockwise(q.float(), k.float(), v.float(), slopes, s0), q, k, v, s0, do, dst)
     for name, x, x_ref in zip(("o", "state", "dq", "dk", "dv", "ds0"), (out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
         assert rel_err(x, x_ref) < BF16_TOL, name
+
+
+def test_segment_ids_run_as_packed_sequences(segment):
+    # training rows of several documents go to the varlen kernel as one packed row
+    H, K = 2, 16
+    seg = torch.tensor([[0] * 5 + [1] * 70 + [2] * 25, [3] * 100], device=DEVICE)
+    q, k, v, _ = inputs(2, 100, H, K, K, state=False)
+    slopes = slopes_for(H)
+    do = torch.randn(2, 100, H, K, device=DEVICE)
+
+    def run(backend):
+        o, state = lightning_attention(q, k, v, slopes, segment_ids=seg, backend=backend, block_size=64)
+        assert state is None
+        return o, *torch.autograd.grad((o.float() * do).sum(), (q, k, v))
+
+    for x, x_ref in zip(run("triton"), run("reference")):
+        assert rel_err(x, x_ref) < FP32_TOL

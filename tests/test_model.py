@@ -326,3 +326,27 @@ def test_training_loss_and_gradients_match_transformers(i, tmp_path):
     assert max_diff(ours.embed.weight.grad, ref["model.embed_tokens.weight"].grad) < 1e-5
     g_ref = ref["model.layers.0.mlp.gate.weight"].grad
     assert max_diff(ours.layers[0].moe.gate.weight.grad, g_ref) < 1e-5 * max(1.0, g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("pattern", [("lightning", "softmax", "lightning", "softmax"), ("softmax", "softmax")])
+def test_segment_ids_compute_each_document_alone(pattern):
+    # a packed training window: each document gets the logits (and loss) it gets on its own
+    cfg = preset("tiny", vocab_size=97, layer_types=pattern, block_size=8)
+    torch.manual_seed(0)
+    model = XinzhouLM(cfg).eval()
+    lens = [[5, 17, 3, 15], [40]]
+    ids = torch.randint(1, 97, (2, 40))
+    seg = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) for row in lens])
+    with torch.no_grad():
+        out = model(ids, segment_ids=seg)
+        for b, row in enumerate(lens):
+            a = 0
+            for n in row:
+                alone = model(ids[b:b + 1, a:a + n])
+                assert (out[b, a:a + n] - alone[0]).abs().max() < 1e-5
+                a += n
+        assert (model(ids)[0, 5:] - out[0, 5:]).abs().max() > 1e-3  # unmasked, documents see each other
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(ids[:1], segment_ids=seg[:1], cu_seqlens=torch.tensor([0, 40]))
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        model(ids, segment_ids=seg[:, :10])

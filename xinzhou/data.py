@@ -16,6 +16,7 @@ blank-line-separated paragraph with `paragraphs=True`), .jsonl (`{"text": ...}` 
     write_shards(docs, "data/sft", vocab_size=tok.vocab_size)
     loader = PackedLoader("data/sft", seq_len=256, batch_size=16, rank=0, world_size=1, seed=0)
     x, y = loader.next_batch()       # y = -100 where the loss mask is 0 or on padding
+    x, y, seg = loader.next_packed() # and the document of every input token (model(..., segment_ids=seg))
     state = loader.state_dict()      # resume with loader.load_state_dict(state)
 """
 
@@ -215,8 +216,8 @@ class PackedLoader:
 
     def __init__(self, path: str | os.PathLike, seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, pad_id: int = 0) -> None:
-        self.tokens, self.mask, docs, self.meta = open_shards(path)
-        self.windows = pack_windows(docs, seq_len)
+        self.tokens, self.mask, self.docs, self.meta = open_shards(path)
+        self.windows = pack_windows(self.docs, seq_len)
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.pad_id = seed, pad_id
         self.global_batch = batch_size * world_size
@@ -241,6 +242,11 @@ class PackedLoader:
         self._perm = self._permutation(self.epoch)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next_packed()[:2]
+
+    def next_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, segment_ids) [B, T]: inputs, targets and the document index of every input token
+        (the padding at a window's end is one more segment), for document-masked training."""
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
@@ -249,6 +255,7 @@ class PackedLoader:
         T = self.seq_len
         x = np.full((self.batch_size, T), self.pad_id, dtype=np.int64)
         y = np.full((self.batch_size, T), -100, dtype=np.int64)
+        seg = np.empty((self.batch_size, T), dtype=np.int64)
         for i, w in enumerate(rows):
             a, b = self.windows[w]
             ids = np.asarray(self.tokens[a:b], dtype=np.int64)
@@ -256,5 +263,7 @@ class PackedLoader:
             n = len(ids) - 1
             x[i, :n] = ids[:-1]
             y[i, :n] = np.where(m[1:], ids[1:], -100)
+            seg[i, :n] = np.searchsorted(self.docs, np.arange(a, a + n), side="right")
+            seg[i, n:] = len(self.docs) + 1
         self.step += 1
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(seg)

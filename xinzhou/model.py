@@ -5,6 +5,7 @@
     logits = model(input_ids)                       # [B, T, V] float32
     loss = model(input_ids, targets)                # cross-entropy (+ coef * balance loss)
     logits = model(packed, cu_seqlens=cu)           # [1, total] packed sequences, each on its own
+    loss = model(windows, targets, segment_ids=seg) # training rows of several documents, each on its own
     cache = HybridCache(model.config, num_slots=B)  # then model(chunk, cache=cache) continues row b in slot b
 
 Shape legend: B batch, T new tokens, S keys (cached + new), C hidden, H query heads,
@@ -24,7 +25,7 @@ from xinzhou.cache import HybridCache, Packing
 from xinzhou.config import ModelConfig
 from xinzhou.ops import moe as moe_ops
 from xinzhou.ops.cross_entropy import cross_entropy
-from xinzhou.ops.lightning import lightning_attention
+from xinzhou.ops.lightning import lightning_attention, segment_starts
 from xinzhou.ops.lightning_ref import check_cu_seqlens
 from xinzhou.ops.norm import rms_norm
 
@@ -96,7 +97,7 @@ class LightningAttention(nn.Module):
         return self._slopes[device]
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None,
-                packing: Packing | None) -> torch.Tensor:
+                packing: Packing | None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = F.silu(self.qkv_proj(x))  # [B, T, 3 * H * D]
         if token_mask is not None:  # left padding comes first: zeros add nothing to a zero state
@@ -104,7 +105,7 @@ class LightningAttention(nn.Module):
         q, k, v = qkv.view(B, T, self.H, 3 * self.D).split(self.D, dim=-1)  # [B, T, H, D] each
         slopes = self.slopes(x.device)
         if packing is None:
-            o, _ = lightning_attention(q, k, v, slopes, block_size=self.block_size)
+            o, _ = lightning_attention(q, k, v, slopes, block_size=self.block_size, segment_ids=segment_ids)
         elif packing.decode_only:  # one token per slot: the pool's states stepped in place
             o = packing.decode_in_place(self.layer, q[0], k[0], v[0], slopes)[None]
         else:  # B = 1 packed: each sequence continues from its own state (its slot's, or zero)
@@ -209,9 +210,11 @@ class Block(nn.Module):
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                token_mask: torch.Tensor | None, packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
+                token_mask: torch.Tensor | None, packing: Packing | None,
+                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
-        a = self.attn(h, token_mask, packing) if self.kind == "lightning" else self.attn(h, cos, sin, mask, packing)
+        a = (self.attn(h, token_mask, packing, segment_ids) if self.kind == "lightning"
+             else self.attn(h, cos, sin, mask, packing))
         if self.prenorm:  # M2: x + Attn(LN(x)), x + MoE(LN(x))
             x = x + a
             m, stats = self.moe(self.mlp_norm(x), token_mask)
@@ -236,6 +239,19 @@ def padding_mask(token_mask: torch.Tensor | None, T: int, device: torch.device) 
     pos = torch.arange(T, device=device)
     causal = pos[None, :] <= pos[:, None]  # [T, T]
     return ((causal[None] & token_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)[None])[:, None]
+
+
+def segment_layout(segment_ids: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, T] restarting at 0 in each document, and the SDPA mask [B, 1, T, T] (True =
+    attend) of causal attention within a document, for rows of packed documents."""
+    if segment_ids.dim() != 2 or segment_ids.shape[1] != T or segment_ids.dtype.is_floating_point:
+        raise ValueError(f"segment_ids must be an integer [B, T] tensor matching input_ids: got "
+                         f"{segment_ids.dtype} {list(segment_ids.shape)}")
+    idx = torch.arange(T, device=segment_ids.device)
+    start = torch.where(segment_starts(segment_ids), idx, 0).cummax(dim=1).values  # each token's document start
+    causal = idx[None, :] <= idx[:, None]  # [T, T]
+    mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return idx - start, mask[:, None]
 
 
 def packing_for(B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None,
@@ -295,7 +311,8 @@ class XinzhouLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: HybridCache | None = None,
-                slots: list[int] | None = None, return_parts: bool = False, last_logits_only: bool = False
+                slots: list[int] | None = None, segment_ids: torch.Tensor | None = None,
+                return_parts: bool = False, last_logits_only: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [B, T] in one of three layouts:
         - a plain batch, causal per row: attention_mask [B, T] (1 = token, 0 = left padding) and
@@ -303,6 +320,9 @@ class XinzhouLM(nn.Module):
         - packed: B = 1 and cu_seqlens [N + 1] = [0, len_0, len_0 + len_1, ..., T] (int32/int64): N
           independent sequences, positions restarting at 0 in each;
         - with a cache: row b (or packed sequence b) continues cache slot slots[b] (default b).
+        segment_ids [B, T] (training on packed windows; plain batch only): each row holds several
+        documents, runs of equal ids, and each is computed as if alone: positions restart at 0,
+        softmax attention stays inside the document, the lightning state starts from zero.
         Without targets: float32 logits [B, T, V]; last_logits_only: [B, 1, V], or [1, N, V] for
         packed input (each sequence's last token). With targets [B, T] (-100 = ignore): the loss
         CE + router_aux_loss_coef * balance loss, or (loss, ce, aux) with return_parts."""
@@ -313,17 +333,22 @@ class XinzhouLM(nn.Module):
         if packing is not None:
             position_ids = packing.position_ids  # [1, B * T]
             input_ids = input_ids.reshape(1, B * T)  # rows of a cached batch are packed sequences
-        elif position_ids is None:
+        elif position_ids is None and segment_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
             if token_mask is not None:
                 position_ids = (token_mask.long().cumsum(1) - 1).clamp(min=0)
         mask = padding_mask(token_mask, T, input_ids.device)
+        if segment_ids is not None:
+            if packing is not None or attention_mask is not None or position_ids is not None:
+                raise ValueError("segment_ids are for a plain batch of packed training windows: not with "
+                                 "cu_seqlens, a cache, attention_mask or position_ids")
+            position_ids, mask = segment_layout(segment_ids, T)
 
         x = self.embed(input_ids)  # [B, T, C] ([1, B * T, C] packed)
         cos, sin = rope_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, x.dtype)
         stats = []
         for block in self.layers:
-            x, s = block(x, cos, sin, mask, token_mask, packing)
+            x, s = block(x, cos, sin, mask, token_mask, packing, segment_ids)
             stats.append(s)
         x = self.norm(x)
         if cache is not None:

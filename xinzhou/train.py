@@ -3,7 +3,9 @@
     python -m xinzhou.train --data runs/x/data/sft --out runs/x/sft --init-from runs/x/pretrain/ckpt
     torchrun --nproc_per_node 2 -m xinzhou.train --data ... --out ...
 
-SFT is pretraining with a loss mask (the shards carry it). AdamW, linear warmup + cosine decay,
+SFT is pretraining with a loss mask (the shards carry it). Windows are packed with whole documents;
+with doc_mask (the default) each document is computed as if alone: positions from 0, attention
+and the lightning state inside the document, as at inference. AdamW, linear warmup + cosine decay,
 gradient clipping, gradient accumulation, bf16 autocast on GPU. The loss of a step is the mean
 cross-entropy over every target token of the global batch (all micro-batches, all ranks), so
 1 x 8 and 8 x 1 accumulation and 1 or 2 ranks give the same updates.
@@ -66,6 +68,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    doc_mask: bool = True  # each document of a packed window on its own (as at inference), not seeing the one before
     bias_update_rate: float = 0.001  # sigmoid routers (M2): correction-bias step per optimizer step
     seed: int = 0
     log_every: int = 10
@@ -317,8 +320,8 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
     model.train()
     t0, tokens_seen = time.time(), 0
     for step in range(start, cfg.steps):
-        batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
-        n_local = sum(int((y != -100).sum()) for _, y in batches)
+        batches = [loader.next_packed() for _ in range(cfg.grad_accum)]
+        n_local = sum(int((y != -100).sum()) for _, y, _ in batches)
         counts = torch.tensor([float(n_local)], device=device)  # NCCL reduces device tensors only
         if world > 1:
             dist.all_reduce(counts)
@@ -327,11 +330,11 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         ce_sum, aux_sum = 0.0, 0.0
-        for x, y in batches:
+        for x, y, seg in batches:
             x, y = x.to(device), y.to(device)
             n = int((y != -100).sum())
             with autocast:
-                _, ce, aux = model(x, y, return_parts=True)
+                _, ce, aux = model(x, y, segment_ids=seg.to(device) if cfg.doc_mask else None, return_parts=True)
             # sum of token losses over the global count; FSDP averages gradients over ranks, so * world
             ce_part = ce * n / n_global * world if n else ce * 0.0
             (ce_part + model_cfg.router_aux_loss_coef * aux / cfg.grad_accum).backward()
@@ -418,7 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("data", "out_dir", "init_from", "tokenizer", "progress"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):  # --doc-mask / --no-doc-mask
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:

@@ -2,11 +2,14 @@
 
     o, final_state = lightning_attention(q, k, v, slopes, initial_state=None,
                                          output_final_state=False, cu_seqlens=None, backend="auto")
+    o, _ = lightning_attention(q, k, v, slopes, segment_ids=seg)   # packed training rows [B, T]
 
 q, k, v: [B, T, H, D]; slopes: [H] (decay per step exp(-slope)); states: [N, H, D, D] fp32 with
 N = B, or N = number of sequences when `cu_seqlens` packs variable-length sequences into B = 1
 (FlashAttention style: cu_seqlens = [0, len_0, len_0 + len_1, ...], int32/int64). The reference runs
 packed sequences of equal length as one batch (a decode step: one batched step for all).
+segment_ids [B, T] (training on packed windows): each row holds several documents, contiguous runs
+of equal ids, and each is computed from a zero state as if alone (no states in or out).
 backend: "reference" (pure PyTorch, ops/lightning_ref.py), "triton" (ops/lightning_triton.py; on CPU
 tensors only under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors when triton imports and
 XINZHOU_TRITON is not 0, else reference). Triton is imported on first use, so CPU-only callers never load it.
@@ -19,7 +22,7 @@ from types import ModuleType
 import torch
 
 from xinzhou.ops import pick_triton
-from xinzhou.ops.lightning_ref import check_cu_seqlens, lightning_blockwise, lightning_step
+from xinzhou.ops.lightning_ref import check_cu_seqlens, lightning_blockwise, lightning_segmented, lightning_step
 
 REFERENCE_BLOCK = 256
 
@@ -33,9 +36,21 @@ def _triton_backend(q: torch.Tensor, backend: str) -> ModuleType | None:
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                         initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                         cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
-                        block_size: int = REFERENCE_BLOCK) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        block_size: int = REFERENCE_BLOCK, segment_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """block_size only shapes the reference computation (every block size gives the same result)."""
     module = _triton_backend(q, backend)
+    if segment_ids is not None:
+        if initial_state is not None or output_final_state or cu_seqlens is not None:
+            raise ValueError("segment_ids (packed training rows) take no states and no cu_seqlens")
+        if module is None:
+            return lightning_segmented(q, k, v, slopes, segment_ids, block_size), None
+        B, T = segment_ids.shape  # the documents of all rows as packed sequences of one row
+        cu = torch.cat([segment_starts(segment_ids).reshape(-1).nonzero()[:, 0],
+                        torch.tensor([B * T], device=q.device)])
+        o, _ = module.chunk_lightning_attention(*(x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v)), slopes,
+                                                None, False, cu)
+        return o.view(q.shape[:3] + v.shape[-1:]), None
     if module is not None:  # validates cu_seqlens itself, with one host sync
         return module.chunk_lightning_attention(q, k, v, slopes, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is None:
@@ -46,6 +61,13 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     if initial_state is not None and initial_state.shape[0] != n:
         raise ValueError(f"initial_state has {initial_state.shape[0]} states for {n} sequences")
     return _varlen_reference(q, k, v, slopes, initial_state, output_final_state, bounds, block_size)
+
+
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where a document starts (each row's first token, and where the id changes)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
 
 
 def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,

@@ -11,6 +11,8 @@ with lambda_h = exp(-slope_h). Shapes (legend):
 
 - `lightning_naive`: quadratic, o = ((q k^T) * decay mask) v, plus the initial state's contribution.
 - `lightning_blockwise`: MiniMax's block form; any block size gives the same result.
+- `lightning_segmented`: the block form over rows that hold several documents (packed training):
+  segment_ids [B, T] mark them, and no token sees another document (the state restarts at each).
 - `lightning_recurrent`: one step per token (`lightning_step`), as in decoding.
 
 All compute in fp32 and return outputs in the input dtype and states in fp32.
@@ -57,6 +59,24 @@ def lightning_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
     return o.transpose(1, 2).to(q.dtype), state
 
 
+def _block_masks(slopes: torch.Tensor, m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For a block of m tokens (local index a): the intra-block decay mask M_ab = lambda^(a-b) for
+    a >= b [H, m, m], lambda^(a+1) [H, m] (reading the carried state), lambda^(m-1-a) [H, m] (writing
+    it) and lambda^m [H] (decaying it): built once per call, not once per block."""
+    a = torch.arange(m, device=device)
+    diff = (a[:, None] - a[None, :]).float()
+    mask = torch.exp(-slopes.float()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
+    return mask, _decay_powers(slopes, a + 1), _decay_powers(slopes, m - 1 - a), torch.exp(-slopes.float() * m)
+
+
+def _blocks(T: int, block_size: int, slopes: torch.Tensor, device: torch.device):  # noqa: ANN202 - a generator
+    """(start, m, masks) for each block; the full-size blocks share one set of masks."""
+    full = _block_masks(slopes, min(block_size, T), device) if T else None
+    for start in range(0, T, block_size):
+        m = min(block_size, T - start)
+        yield start, m, (full if m == full[0].shape[-1] else _block_masks(slopes, m, device))
+
+
 def lightning_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                         initial_state: torch.Tensor | None = None,
                         block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,20 +91,48 @@ def lightning_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     state = (initial_state.float() if initial_state is not None
              else torch.zeros(B, H, D, Dv, device=q.device, dtype=torch.float32))
     outs = []
-    for start in range(0, T, block_size):
-        m = min(block_size, T - start)
+    for start, m, (mask, read, write, block_decay) in _blocks(T, block_size, slopes, q.device):
         qb, kb, vb = (x[:, :, start:start + m] for x in (qf, kf, vf))  # [B, H, m, D]
-        a = torch.arange(m, device=q.device)
-        diff = (a[:, None] - a[None, :]).float()
-        mask = torch.exp(-slopes.float()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)  # [H, m, m]
         intra = ((qb @ kb.transpose(-1, -2)) * mask) @ vb
-        inter = (qb * _decay_powers(slopes, a + 1)[None, :, :, None]) @ state
+        inter = (qb * read[None, :, :, None]) @ state
         outs.append(intra + inter)
-        k_decayed = kb * _decay_powers(slopes, m - 1 - a)[None, :, :, None]
-        block_decay = torch.exp(-slopes.float() * m)[None, :, None, None]
-        state = block_decay * state + k_decayed.transpose(-1, -2) @ vb
+        state = block_decay[None, :, None, None] * state + (kb * write[None, :, :, None]).transpose(-1, -2) @ vb
     o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
     return o.transpose(1, 2).to(q.dtype), state
+
+
+def lightning_segmented(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                        segment_ids: torch.Tensor, block_size: int = 256) -> torch.Tensor:
+    """Block form over rows of several documents: segment_ids [B, T] (equal ids = one document,
+    each document contiguous) and every document computed as if alone, from a zero state. In a
+    block, with g the segment of each token and g_prev that of the token before the block:
+    O_a = [g_a = g_prev] (Q_a * lambda^(a+1)) S_prev + sum_b [g_a = g_b] ((Q K^T) * M)_ab V_b,
+    S_new = [g_last = g_prev] lambda^m S_prev + sum_b [g_b = g_last] (K_b lambda^(m-1-b))^T V_b,
+    so the carried state only ever holds the tokens of the document it is carried into.
+    Returns o [B, T, H, D] in q's dtype."""
+    _check(q, k, v, slopes, None)
+    B, T, H, D = q.shape
+    if segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids must be [B, T] = {[B, T]}: got {list(segment_ids.shape)}")
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    state = torch.zeros(B, H, D, v.shape[-1], device=q.device, dtype=torch.float32)
+    prev = torch.full((B, 1), -1, dtype=segment_ids.dtype, device=q.device)  # no document before the row
+    outs = []
+    for start, m, (mask, read, write, block_decay) in _blocks(T, block_size, slopes, q.device):
+        qb, kb, vb = (x[:, :, start:start + m] for x in (qf, kf, vf))  # [B, H, m, D]
+        g = segment_ids[:, start:start + m]  # [B, m]
+        same = (g[:, :, None] == g[:, None, :]).float()[:, None]  # [B, 1, m, m]
+        carried = (g == prev).float()[:, None, :, None]  # [B, 1, m, 1]: token a continues the carried document
+        intra = ((qb @ kb.transpose(-1, -2)) * (mask * same)) @ vb
+        outs.append(intra + carried * ((qb * read[None, :, :, None]) @ state))
+        last = g[:, -1:]  # [B, 1]
+        keep = (last == prev).float()[:, :, None, None]  # [B, 1, 1, 1]
+        tail = (g == last).float()[:, None, :, None]  # [B, 1, m, 1]: the last document's tokens in the block
+        state = (keep * block_decay[None, :, None, None]) * state + \
+            (kb * write[None, :, :, None] * tail).transpose(-1, -2) @ vb
+        prev = last
+    o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, v.shape[-1])
+    return o.transpose(1, 2).to(q.dtype)
 
 
 def lightning_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
