@@ -360,6 +360,11 @@ class XinzhouLM(nn.Module):
             x = x.view(B, T, -1)  # [B, T, C]
             if last_logits_only:
                 x = x[:, -1:]
+        if targets is not None and not torch.compiler.is_compiling():
+            # the head and the loss only where there is a target (SFT trains a fraction of the tokens);
+            # the mean over those is the loss ignore_index gives, with the same gradients
+            keep = targets.reshape(-1) != -100
+            x, targets = x.reshape(-1, x.shape[-1])[keep], targets.reshape(-1)[keep]
         w = self.head_weight()
         if cfg.lm_head_fp32:  # outside autocast, or it would run in bf16 anyway
             with torch.autocast(x.device.type, enabled=False):

@@ -1,0 +1,145 @@
+"""Training speed on the CPU: xinzhou's training step against transformers' MiniMaxForCausalLM, same
+config, same weights, same batches, one process, timed in alternation (A B A B ...) so that both see
+the same machine.
+
+A step is forward + loss + backward + AdamW step, fp32 (what the speedrun trains in on a CPU). Two
+kinds of batch, at the speedrun's window size:
+- "sft": packed windows of whole documents of 20-300 tokens whose last 30% are targets (an SFT
+  loss mask: prompts are read, answers are learned); xinzhou trains them document-masked
+  (segment_ids: each document on its own, as `xinzhou.train` does), transformers sees plain causal
+  rows (it has no such mode), which is less work for it;
+- "pretrain": every token a target, no document masks.
+Shapes: the speedrun's tiny model (2.1M parameters) and a ~60M hybrid. Before timing, both models'
+fp32 logits must agree (max |diff| printed); tokens/s counts every input token of the batch.
+
+    python benchmarks/bench_train.py --out bench_train.json
+    python benchmarks/bench_train.py --smoke --out /tmp/s.json      # tiny shapes, every path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from timing import git_commit  # benchmarks/timing.py (scripts run from their folder)
+from torch import nn
+
+from xinzhou.config import ModelConfig, preset
+from xinzhou.hf import save_hf
+from xinzhou.model import XinzhouLM
+from xinzhou.train import make_optimizer
+
+SHAPES = {
+    # the speedrun's model (cli.RECIPES["tiny"]) at its SFT batch
+    "speedrun-2M": (dict(vocab_size=1024, hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
+                         layer_types=("lightning", "softmax", "lightning", "softmax")), 8, 512),
+    "hybrid-60M": (dict(vocab_size=8192, hidden_size=384, num_heads=8, num_kv_heads=4, head_dim=48, rotary_dim=48,
+                        num_experts=8, expert_dim=640, block_size=64, layer_types=("lightning",) * 3 + ("softmax",)
+                        + ("lightning",) * 3 + ("softmax",)), 4, 512),
+}
+SMOKE = {"smoke": (dict(vocab_size=256, hidden_size=64, head_dim=16, rotary_dim=16), 2, 64)}
+
+
+def build_pair(cfg: ModelConfig) -> tuple[XinzhouLM, nn.Module]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # it lists the derived lightning decay buffers as missing
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    xz = XinzhouLM(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(xz, Path(tmp) / "ckpt")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "ckpt", dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = xz(ids), hf(input_ids=ids, use_cache=False).logits
+    diff = (a - b).abs().max().item()
+    print(f"fp32 logits: max |xinzhou - transformers| = {diff:.3g} (max |logit| {b.abs().max().item():.3g})")
+    if diff > 1e-3 * b.abs().max().item():
+        sys.exit("xinzhou and transformers disagree in fp32: not timing two different functions")
+    return xz.train(), hf.train()
+
+
+def batch(kind: str, B: int, T: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab, (B, T), generator=g)
+    if kind == "pretrain":
+        return x, torch.randint(1, vocab, (B, T), generator=g), None
+    y = torch.full((B, T), -100)
+    seg = torch.empty(B, T, dtype=torch.long)
+    for b in range(B):
+        t, d = 0, 0
+        while t < T:
+            n = min(int(torch.randint(20, 301, (1,), generator=g)), T - t)
+            y[b, t + n - max(1, int(0.3 * n)):t + n] = torch.randint(1, vocab, (max(1, int(0.3 * n)),), generator=g)
+            seg[b, t:t + n] = d
+            t, d = t + n, d + 1
+    return x, y, seg
+
+
+def step_fns(xz: XinzhouLM, hf: nn.Module, x: torch.Tensor, y: torch.Tensor, seg: torch.Tensor | None):
+    opts = {name: make_optimizer(m, 1e-4, 0.1, (0.9, 0.95)) for name, m in (("xinzhou", xz), ("transformers", hf))}
+
+    def ours() -> None:
+        xz(x, y, segment_ids=seg).backward()
+        opts["xinzhou"].step()
+        opts["xinzhou"].zero_grad(set_to_none=True)
+
+    def theirs() -> None:
+        # labels are shifted inside transformers: give it the unshifted sequence's targets
+        labels = torch.cat([torch.full((y.shape[0], 1), -100), y[:, :-1]], dim=1)
+        hf(input_ids=x, labels=labels, use_cache=False).loss.backward()
+        opts["transformers"].step()
+        opts["transformers"].zero_grad(set_to_none=True)
+
+    return ours, theirs
+
+
+def alternate(fns: dict, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of each function, timed in turn reps times after warmup rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="path of the JSON results")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks every code path")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    shapes = SMOKE if args.smoke else SHAPES
+    reps = args.reps or (1 if args.smoke else 7)
+    rows = []
+    for name, (overrides, B, T) in shapes.items():
+        cfg = preset("tiny", **overrides)
+        xz, hf = build_pair(cfg)
+        for kind in ("sft", "pretrain"):
+            x, y, seg = batch(kind, B, T, cfg.vocab_size, seed=0)
+            ours, theirs = step_fns(xz, hf, x, y, seg)
+            s = alternate({"xinzhou": ours, "transformers": theirs}, warmup=1 if args.smoke else 2, reps=reps)
+            row = dict(shape=name, params_M=cfg.num_params() / 1e6, batch=kind, B=B, T=T,
+                       target_fraction=float((y != -100).float().mean()),
+                       **{f"{k}_tok_s": B * T / v for k, v in s.items()}, seconds=s)
+            row["ratio_xz_over_hf"] = row["xinzhou_tok_s"] / row["transformers_tok_s"]
+            rows.append(row)
+            print(f"{name:12} {kind:8} B={B} T={T} targets {row['target_fraction']:4.0%}: xinzhou "
+                  f"{row['xinzhou_tok_s']:8,.0f} tok/s | transformers {row['transformers_tok_s']:8,.0f} tok/s | "
+                  f"xz/hf {row['ratio_xz_over_hf']:4.2f}x", flush=True)
+    info = dict(commit=git_commit(), torch=torch.__version__, threads=torch.get_num_threads(), rows=rows)
+    Path(args.out).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
