@@ -12,11 +12,12 @@ from xinzhou.tokenizer import Tokenizer
 
 def test_speedrun_pipeline_end_to_end(tmp_path):
     small = RECIPES["tiny"].__class__(**{
-        **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_steps": 3, "sft_steps": 3, "eval_n": 6,
+        **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_steps": 3, "sft_steps": 4, "eval_n": 6,
+        "curve_points": 1, "curve_n": 3,
         "sft_mix": dict(arithmetic=200, tools=60, recall=20, countdown=20, retrieval=5)})
     out = speedrun(small, str(tmp_path / "run"))
     for f in ("tokenizer/tokenizer.json", "data/pretrain/meta.json", "data/sft/meta.json", "pretrain/loss.png",
-              "sft/loss.png", "sft/metrics.jsonl", "report.md", "levels.png", "levels.json"):
+              "sft/loss.png", "sft/metrics.jsonl", "report.md", "levels.png", "levels.json", "curve.png"):
         assert (out / f).exists(), f
     levels = json.loads((out / "levels.json").read_text())
     assert [x["level"] for x in levels] == [1, 2, 3, 4, 5] and all(x["n"] == 6 for x in levels)
@@ -25,7 +26,13 @@ def test_speedrun_pipeline_end_to_end(tmp_path):
     tok = Tokenizer.load(out / "sft" / "ckpt" / "tokenizer.json")
     assert model.config.vocab_size == tok.vocab_size and model.config.eos_token_id == tok.eos_id
     sft_rows = (out / "sft" / "metrics.jsonl").read_text().splitlines()
-    assert len(sft_rows) == 3 and torch.isfinite(torch.tensor(json.loads(sft_rows[-1])["loss"]))
+    # the curve: one point scored during SFT (step 2 of 4, n = 3) and the final report's
+    points = json.loads((out / "curve.json").read_text())
+    assert [(c["step"], c["n"]) for c in points] == [(2, 3), (4, 6)]
+    assert points[0]["minutes"] < points[1]["minutes"] and list(points[1]["scores"]) == ["L1", "L2", "L3", "L4", "L5"]
+    assert points[1]["scores"]["L2"] == levels[1]["score"]
+    assert "## Levels against wall-clock minutes" in (out / "report.md").read_text()
+    assert len(sft_rows) == 4 and torch.isfinite(torch.tensor(json.loads(sft_rows[-1])["loss"]))
 
 
 def test_data_command_builds_shards_from_user_files(tmp_path):

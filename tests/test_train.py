@@ -198,3 +198,31 @@ def test_checkpoint_and_tokenizer_load_in_transformers(tmp_path):
     x = torch.tensor([tok.encode("12+30=42 hello")])
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+
+
+def test_scoring_during_training_leaves_the_run_unchanged(shard, tmp_path):
+    # the hook runs the model and draws random numbers; the run must train exactly as without it
+    model_cfg = preset("tiny", vocab_size=V)
+    seen = []
+
+    def hook(step, model):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        model(torch.randint(0, V, (2, 9)))
+        random.random(), np.random.rand(), torch.rand(3)
+
+    train(model_cfg, cfg(shard, tmp_path / "plain"))
+    train(model_cfg, cfg(shard, tmp_path / "scored"), on_step=hook)
+    assert seen == [(s, False, False) for s in (1, 2, 3, 4)]
+    assert curve(tmp_path / "plain") == curve(tmp_path / "scored")
+    wa = load_hf(tmp_path / "plain" / "ckpt").state_dict()
+    wb = load_hf(tmp_path / "scored" / "ckpt").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_doc_mask_changes_what_the_model_sees(shard, tmp_path):
+    # windows pack several documents: masked, the loss of the first step differs from unmasked
+    model_cfg = preset("tiny", vocab_size=V)
+    train(model_cfg, cfg(shard, tmp_path / "masked", steps=1))
+    train(model_cfg, cfg(shard, tmp_path / "open", steps=1, doc_mask=False))
+    a, b = curve(tmp_path / "masked")[0], curve(tmp_path / "open")[0]
+    assert abs(a - b) > 1e-6

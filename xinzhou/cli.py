@@ -15,7 +15,8 @@
                                           # the interleaved-thinking agent against any endpoint
 
 A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
-loss.png and ckpt/), report.md and levels.png. The final checkpoint is sft/ckpt: a Hugging Face
+loss.png and ckpt/), report.md, levels.png, and curve.png with curve.json (level scores against wall-clock minutes,
+scored during SFT). The final checkpoint is sft/ckpt: a Hugging Face
 directory that transformers loads.
 
 Errors in the input (a missing checkpoint, a malformed file, an output path that holds files
@@ -62,6 +63,8 @@ class Recipe:
     pretrain_lr: float
     sft_lr: float
     eval_n: int
+    curve_points: int = 0  # evaluations during SFT (at n = curve_n) for the curve of levels against minutes
+    curve_n: int = 50
 
 
 RECIPES = {
@@ -73,12 +76,13 @@ RECIPES = {
                    vocab_size=1024, pretrain_docs=6000,
                    sft_mix=dict(arithmetic=16000, tools=12000, recall=1000, countdown=1000, retrieval=100),
                    tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
-                   pretrain_steps=100, sft_steps=1100, pretrain_lr=3e-3, sft_lr=3e-3, eval_n=200),
+                   pretrain_steps=100, sft_steps=1100, pretrain_lr=3e-3, sft_lr=3e-3, eval_n=200,
+                   curve_points=3),
     # the 306.8M benchmark shape; for a GPU
     "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000,
                     sft_mix=dict(arithmetic=100000, tools=30000, recall=20000, countdown=20000, retrieval=5000),
                     tool_turns=3, seq_len=1024, batch_size=32, sft_seq_len=1024, sft_batch_size=32, pretrain_steps=2000, sft_steps=3000, pretrain_lr=1e-3,
-                    sft_lr=5e-4, eval_n=200),
+                    sft_lr=5e-4, eval_n=200, curve_points=4, curve_n=100),
 }
 
 
@@ -132,16 +136,30 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     pre = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "pretrain"), out_dir=str(out_dir / "pretrain"),
                                        steps=r.pretrain_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
                                        batch_size=r.batch_size, **common))
+    curve: list[dict] = []
+    every = r.sft_steps // (r.curve_points + 1) if r.curve_points else 0
+
+    def score_during_sft(step: int, model: torch.nn.Module) -> None:
+        if every and step % every == 0 and step < r.sft_steps and len(curve) < r.curve_points:
+            curve.append(curve_point(model, tok, step, t0, r.curve_n))
+            _log(f"  SFT step {step}: " + " ".join(f"{k} {v:.0%}" for k, v in curve[-1]["scores"].items()))
+
     final = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "sft"), out_dir=str(out_dir / "sft"),
                                          steps=r.sft_steps, lr=r.sft_lr, init_from=str(pre), warmup_steps=10,
-                                         seq_len=r.sft_seq_len, batch_size=r.sft_batch_size, **common))
+                                         seq_len=r.sft_seq_len, batch_size=r.sft_batch_size, **common),
+                  on_step=score_during_sft)
+    sft_done = (time.time() - t0) / 60
 
     _log("5/5 capability report on held-out tasks")
     results = report(final, out_dir, n=r.eval_n)
     minutes = (time.time() - t0) / 60
+    curve.append(dict(step=r.sft_steps, minutes=sft_done, n=r.eval_n, scores={f"L{x.level}": x.score for x in results}))
     text = (out_dir / "report.md").read_text()
     text = text.replace("\n\n", f"\n\nSpeedrun `{recipe_name}` in {minutes:.1f} min; checkpoint `{final}`.\n\n", 1)
+    text += curve_markdown(curve, {f"L{x.level}": x.threshold for x in results})
     (out_dir / "report.md").write_text(text)
+    (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+    plot_curve(curve, {f"L{x.level}": x.threshold for x in results}, out_dir / "curve.png")
     _log(f"done in {minutes:.1f} min: {out_dir / 'report.md'}")
     for res in results:
         _log(f"  L{res.level} {res.family:<10} {res.metric:<10} {res.score:6.1%} (threshold {res.threshold:.0%}, "
@@ -150,6 +168,47 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
 
 
 REPORT_TITLE = "# Capability report"
+
+
+def curve_point(model: torch.nn.Module, tok: Tokenizer, step: int, t0: float, n: int) -> dict:
+    """Level scores of the model being trained (n held-out samples per level), at `step`, with the
+    speedrun's wall-clock minutes when the scoring began."""
+    from xinzhou.evals import local_client
+
+    minutes = (time.time() - t0) / 60
+    with local_client(model, tok) as client:
+        results = capability_report(client, n=n)
+    return dict(step=step, minutes=minutes, n=n, scores={f"L{x.level}": x.score for x in results})
+
+
+def curve_markdown(curve: list[dict], thresholds: dict[str, float]) -> str:
+    levels = list(thresholds)
+    lines = ["", "## Levels against wall-clock minutes", "",
+             "Scores during SFT (the last row is the report above); minutes since the speedrun began, "
+             "the scoring of earlier points included.", "",
+             "| SFT step | minutes | n | " + " | ".join(levels) + " |", "|---" * (3 + len(levels)) + "|"]
+    for c in curve:
+        lines.append(f"| {c['step']} | {c['minutes']:.1f} | {c['n']} | "
+                     + " | ".join(f"{c['scores'][k]:.0%}" for k in levels) + " |")
+    lines.append("| threshold | | | " + " | ".join(f"{thresholds[k]:.0%}" for k in levels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(curve: list[dict], thresholds: dict[str, float], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for i, (level, threshold) in enumerate(thresholds.items()):
+        color = f"C{i}"
+        ax.plot([c["minutes"] for c in curve], [c["scores"][level] for c in curve], "o-", color=color, label=level)
+        ax.axhline(threshold, color=color, linestyle=":", linewidth=1)
+    ax.set(xlabel="wall-clock minutes", ylabel="held-out score", ylim=(-0.02, 1.05),
+           title="capability levels during SFT (dotted: thresholds)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

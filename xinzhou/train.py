@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,8 +278,12 @@ def check_run_dir(out: Path) -> None:
                               "choose a new or empty output directory")
 
 
-def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
-    """Train to cfg.steps (resuming from out_dir/ckpt when it is there); returns the checkpoint dir."""
+def train(model_cfg: ModelConfig | None, cfg: TrainConfig,
+          on_step: Callable[[int, XinzhouLM], None] | None = None) -> Path:
+    """Train to cfg.steps (resuming from out_dir/ckpt when it is there); returns the checkpoint dir.
+    on_step(steps_done, model), in one process only, is called after every optimizer step with
+    the model in eval mode under no_grad (e.g. to score it); the RNG states are restored after it
+    and its time is left out of tokens/s, so a run with it trains exactly as one without."""
     out = Path(cfg.out_dir)
     check_run_dir(out)
     if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
@@ -367,6 +372,17 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig) -> Path:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     bar.set_postfix(loss=f"{ce_mean:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if on_step is not None and world == 1:
+            t_hook = time.time()
+            rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+            model.eval()
+            with torch.no_grad():
+                on_step(step + 1, model)
+            model.train()
+            torch.set_rng_state(rng[0])
+            np.random.set_state(rng[1])
+            random.setstate(rng[2])
+            t0 += time.time() - t_hook
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(model, opt, out, model_cfg, step + 1, {"loader": loader.state_dict()}, cfg, cfg.tokenizer)
     if bar is not None:
