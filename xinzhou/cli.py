@@ -27,6 +27,7 @@ xinzhou did not write) are printed as `xinzhou: error: <what, where>` with exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -65,6 +66,7 @@ class Recipe:
     eval_n: int
     curve_points: int = 0  # evaluations during SFT (at n = curve_n) for the curve of levels against minutes
     curve_n: int = 50
+    doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
 
 
 RECIPES = {
@@ -90,11 +92,13 @@ def _log(msg: str) -> None:
     print(f"[xinzhou {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: int = 0) -> Path:
+def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: int = 0, name: str | None = None) -> Path:
     if isinstance(recipe, str) and recipe not in RECIPES:
         raise SystemExit(f"unknown preset {recipe!r}: expected one of {list(RECIPES)}")
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    recipe_name = recipe if isinstance(recipe, str) else "custom"
+    recipe_name = recipe if isinstance(recipe, str) else (name or "custom")
+    if not r.doc_mask:
+        recipe_name += ", no document masking"
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
@@ -131,7 +135,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     spec = dict(r.model)
     model_cfg: ModelConfig = preset(spec.pop("name"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **spec)
-    common = dict(seed=seed, tokenizer=str(tok_path))
+    common = dict(seed=seed, tokenizer=str(tok_path), doc_mask=r.doc_mask)
     _log(f"4/5 pretrain ({model_cfg.num_params() / 1e6:.2f}M params) then SFT")
     pre = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "pretrain"), out_dir=str(out_dir / "pretrain"),
                                        steps=r.pretrain_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
@@ -189,7 +193,7 @@ def curve_markdown(curve: list[dict], thresholds: dict[str, float]) -> str:
              "| SFT step | minutes | n | " + " | ".join(levels) + " |", "|---" * (3 + len(levels)) + "|"]
     for c in curve:
         lines.append(f"| {c['step']} | {c['minutes']:.1f} | {c['n']} | "
-                     + " | ".join(f"{c['scores'][k]:.0%}" for k in levels) + " |")
+                     + " | ".join(f"{c['scores'][k]:.1%}" for k in levels) + " |")
     lines.append("| threshold | | | " + " | ".join(f"{thresholds[k]:.0%}" for k in levels) + " |")
     return "\n".join(lines) + "\n"
 
@@ -304,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-doc-mask", action="store_true",
+                   help="let each document of a packed training window see the ones before it (the old way)")
     e = sub.add_parser("eval", parents=[common], help="capability report of a checkpoint or of an endpoint")
     e.add_argument("ckpt", nargs="?", default=None, help="checkpoint directory with tokenizer.json (or --model)")
     e.add_argument("--model", default=None, help="checkpoint directory with tokenizer.json (runs here)")
@@ -537,7 +543,10 @@ def _run(args: argparse.Namespace) -> None:
         meta = json.loads((out / "meta.json").read_text())
         _log(f"{out}: {meta['n_docs']} documents, {meta['n_tokens']} tokens")
     elif args.cmd == "speedrun":
-        speedrun(args.preset, args.out, args.seed)
+        recipe = RECIPES[args.preset]
+        if args.no_doc_mask:
+            recipe = dataclasses.replace(recipe, doc_mask=False)
+        speedrun(recipe, args.out, args.seed, name=args.preset)
     elif args.cmd == "eval":
         _eval(args)
 
