@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from timing import git_commit, time_ms  # benchmarks/timing.py (scripts run from their folder)
+from timing import git_commit, time_ms, transformers_twin  # benchmarks/timing.py (scripts run from their folder)
 from torch import nn
 
 from xinzhou.cache import cache_sizes
 from xinzhou.config import ModelConfig, preset
 from xinzhou.engine import Engine, SamplingParams, Token, generate
-from xinzhou.hf import save_hf
 from xinzhou.model import XinzhouLM
 
 MIB = 2**20
@@ -74,23 +72,8 @@ PLANS = {
 
 def build_pair(cfg: ModelConfig, dtype: torch.dtype) -> tuple[XinzhouLM, nn.Module]:
     """xinzhou model with random weights, and transformers' model loaded from its save_hf checkpoint."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # it lists the derived lightning decay buffers as missing
-    transformers.logging.disable_progress_bar()
-    torch.manual_seed(0)
-    xz = XinzhouLM(cfg).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(xz, Path(tmp) / "ckpt")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "ckpt", dtype=torch.float32).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = xz(ids), hf(input_ids=ids, use_cache=False).logits
-    diff = (a - b).abs().max().item()
-    print(f"fp32 logits: max |xinzhou - transformers| = {diff:.3g} (max |logit| {b.abs().max().item():.3g})")
-    if diff > 1e-3 * b.abs().max().item():
-        sys.exit("xinzhou and transformers disagree in fp32: not timing two different functions")
-    return xz.to(dtype), hf.to(dtype)
+    xz, hf = transformers_twin(cfg)
+    return xz.eval().to(dtype), hf.eval().to(dtype)
 
 
 def bench_decode(xz: XinzhouLM, hf: nn.Module, plan: Plan, device: torch.device) -> list[dict]:

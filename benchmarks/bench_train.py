@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from timing import git_commit  # benchmarks/timing.py (scripts run from their folder)
+from timing import git_commit, transformers_twin  # benchmarks/timing.py (scripts run from their folder)
 from torch import nn
 
-from xinzhou.config import ModelConfig, preset
-from xinzhou.hf import save_hf
+from xinzhou.config import preset
 from xinzhou.model import XinzhouLM
 from xinzhou.train import make_optimizer
 
@@ -44,26 +41,6 @@ SHAPES = {
                         + ("lightning",) * 3 + ("softmax",)), 4, 512),
 }
 SMOKE = {"smoke": (dict(vocab_size=256, hidden_size=64, head_dim=16, rotary_dim=16), 2, 64)}
-
-
-def build_pair(cfg: ModelConfig) -> tuple[XinzhouLM, nn.Module]:
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # it lists the derived lightning decay buffers as missing
-    transformers.logging.disable_progress_bar()
-    torch.manual_seed(0)
-    xz = XinzhouLM(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(xz, Path(tmp) / "ckpt")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "ckpt", dtype=torch.float32)
-    ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = xz(ids), hf(input_ids=ids, use_cache=False).logits
-    diff = (a - b).abs().max().item()
-    print(f"fp32 logits: max |xinzhou - transformers| = {diff:.3g} (max |logit| {b.abs().max().item():.3g})")
-    if diff > 1e-3 * b.abs().max().item():
-        sys.exit("xinzhou and transformers disagree in fp32: not timing two different functions")
-    return xz.train(), hf.train()
 
 
 def batch(kind: str, B: int, T: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -124,7 +101,8 @@ def main() -> None:
     rows = []
     for name, (overrides, B, T) in shapes.items():
         cfg = preset("tiny", **overrides)
-        xz, hf = build_pair(cfg)
+        xz, hf = transformers_twin(cfg)
+        xz.train(), hf.train()
         for kind in ("sft", "pretrain"):
             x, y, seg = batch(kind, B, T, cfg.vocab_size, seed=0)
             ours, theirs = step_fns(xz, hf, x, y, seg)

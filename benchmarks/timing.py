@@ -1,4 +1,5 @@
-"""Shared timing for the benchmark scripts (run as `python benchmarks/<script>.py`)."""
+"""Shared timing for the benchmark scripts (run as `python benchmarks/<script>.py`), and the
+xinzhou / transformers model pair the CPU scripts compare."""
 
 from __future__ import annotations
 
@@ -73,3 +74,32 @@ def git_commit() -> str | None:
     except OSError:
         return None
     return res.stdout.strip() or None
+
+
+def transformers_twin(cfg: "ModelConfig") -> tuple["XinzhouLM", "torch.nn.Module"]:
+    """An fp32 XinzhouLM with seed-0 random weights, and transformers' model loaded from its
+    save_hf checkpoint; exits when their fp32 logits disagree (two different functions)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import transformers
+
+    from xinzhou.hf import save_hf
+    from xinzhou.model import XinzhouLM
+
+    transformers.logging.set_verbosity_error()  # it lists the derived lightning decay buffers as missing
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    xz = XinzhouLM(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(xz, Path(tmp) / "ckpt")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "ckpt", dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = xz.eval()(ids), hf.eval()(input_ids=ids, use_cache=False).logits
+    diff = (a - b).abs().max().item()
+    print(f"fp32 logits: max |xinzhou - transformers| = {diff:.3g} (max |logit| {b.abs().max().item():.3g})")
+    if diff > 1e-3 * b.abs().max().item():
+        sys.exit("xinzhou and transformers disagree in fp32: not timing two different functions")
+    return xz, hf

@@ -157,13 +157,14 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     _log("5/5 capability report on held-out tasks")
     results = report(final, out_dir, n=r.eval_n)
     minutes = (time.time() - t0) / 60
-    curve.append(dict(step=r.sft_steps, minutes=sft_done, n=r.eval_n, scores={f"L{x.level}": x.score for x in results}))
+    curve.append(dict(step=r.sft_steps, minutes=sft_done, n=r.eval_n, scores=level_scores(results)))
+    thresholds = {f"L{x.level}": x.threshold for x in results}
     text = (out_dir / "report.md").read_text()
     text = text.replace("\n\n", f"\n\nSpeedrun `{recipe_name}` in {minutes:.1f} min; checkpoint `{final}`.\n\n", 1)
-    text += curve_markdown(curve, {f"L{x.level}": x.threshold for x in results})
+    text += curve_markdown(curve, thresholds)
     (out_dir / "report.md").write_text(text)
     (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
-    plot_curve(curve, {f"L{x.level}": x.threshold for x in results}, out_dir / "curve.png")
+    plot_curve(curve, thresholds, out_dir / "curve.png")
     _log(f"done in {minutes:.1f} min: {out_dir / 'report.md'}")
     for res in results:
         _log(f"  L{res.level} {res.family:<10} {res.metric:<10} {res.score:6.1%} (threshold {res.threshold:.0%}, "
@@ -182,7 +183,11 @@ def curve_point(model: torch.nn.Module, tok: Tokenizer, step: int, t0: float, n:
     minutes = (time.time() - t0) / 60
     with local_client(model, tok) as client:
         results = capability_report(client, n=n)
-    return dict(step=step, minutes=minutes, n=n, scores={f"L{x.level}": x.score for x in results})
+    return dict(step=step, minutes=minutes, n=n, scores=level_scores(results))
+
+
+def level_scores(results: list) -> dict[str, float]:
+    return {f"L{x.level}": x.score for x in results}
 
 
 def curve_markdown(curve: list[dict], thresholds: dict[str, float]) -> str:
