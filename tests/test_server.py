@@ -323,28 +323,79 @@ def test_tool_calls_stream_header_first_then_the_arguments_as_written(oc, callin
     assert args[0] == final.arguments and finish == "tool_calls"  # the very same string
 
 
-def test_a_call_cut_off_by_max_tokens_is_closed_with_finish_length(served, oc, ac, calling_question):
+def _chat_answer(oc, stream: bool, **kw) -> tuple[str, list[tuple[str, dict]], str]:
+    """(content, [(name, arguments)], finish_reason) of a Chat Completions answer, streamed or not."""
+    if not stream:
+        c = oc.chat.completions.create(model="xz-test", **GREEDY, **kw).choices[0]
+        calls = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []]
+        return c.message.content or "", calls, c.finish_reason
+    content, names, args, finish = "", {}, {}, None
+    for c in oc.chat.completions.create(model="xz-test", stream=True, **GREEDY, **kw):
+        if not c.choices:
+            continue
+        d, finish = c.choices[0].delta, c.choices[0].finish_reason or finish
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            if tc.id:
+                names[tc.index] = tc.function.name
+            args[tc.index] = args.get(tc.index, "") + (tc.function.arguments or "")
+    assert sorted(names) == list(range(len(names)))  # calls are numbered 0, 1, ... as they come
+    return content, [(names[i], json.loads(args[i])) for i in sorted(names)], finish
+
+
+def _anthropic_blocks(ac, stream: bool, **kw) -> tuple[list[tuple], str]:
+    if not stream:
+        m = ac.messages.create(model="xz-test", extra_body=GREEDY, **kw)
+    else:
+        with ac.messages.stream(model="xz-test", extra_body=GREEDY, **kw) as s:
+            kinds = [e.type for e in s]
+            m = s.get_final_message()
+        assert kinds[-1] == "message_stop" and kinds.count("content_block_start") == kinds.count("content_block_stop")
+    blocks = [(b.type, b.text) if b.type == "text" else (b.type, b.name, b.input) for b in m.content
+              if b.type in ("text", "tool_use")]
+    return blocks, m.stop_reason
+
+
+def _responses_items(oc, stream: bool, **kw) -> tuple[list[tuple], str]:
+    if not stream:
+        r = oc.responses.create(model="xz-test", store=False, **GREEDY, **kw)
+    else:
+        with oc.responses.stream(model="xz-test", store=False, **GREEDY, **kw) as s:
+            events = list(s)
+        # a cut answer ends with response.incomplete (as OpenAI's does), which the SDK's
+        # get_final_response does not take: the last event carries the response either way
+        assert events[-1].type in ("response.completed", "response.incomplete")
+        r = events[-1].response
+        calls = [e.item for e in events if e.type == "response.output_item.done" and e.item.type == "function_call"]
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+            (o.name, json.loads(o.arguments)) for o in r.output if o.type == "function_call"]
+    items = [(o.type, o.name, json.loads(o.arguments)) if o.type == "function_call" else
+             (o.type, "".join(c.text for c in o.content)) for o in r.output if o.type in ("function_call", "message")]
+    return items, r.status
+
+
+def test_streamed_and_whole_answers_agree_at_every_max_tokens_cut(served, oc, ac, calling_question):
+    """Cut the tool-calling answer at every length: the stream carries exactly the calls and the
+    content of the non-streamed answer. A call cut off inside its arguments is no call in either
+    (its text is content), so no client acts on a call the final message does not hold."""
     question, _ = calling_question
     messages = [{"role": "user", "content": question}]
-    ids = render(messages, served.tokenizer, tools=TOOLS, add_generation_prompt=True).ids
     full = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=64, **GREEDY)
-    # the first cut at which the call's header has streamed but the call is not complete
-    for cut in range(4, full.usage.completion_tokens):
-        order, args, finish = _chat_stream(oc, messages=messages, tools=TOOLS, max_tokens=cut)
-        if order and order[0][0] == "header":
-            break
-    else:
-        pytest.fail("no cut left the call open")
-    assert finish == "length" and isinstance(json.loads(args[0]), dict)  # closed, valid JSON
-    cut_msg = oc.chat.completions.create(model="xz-test", messages=messages, tools=TOOLS, max_tokens=cut, **GREEDY)
-    assert cut_msg.choices[0].finish_reason == "length" and not cut_msg.choices[0].message.tool_calls
-    with ac.messages.stream(model="xz-test", max_tokens=cut, messages=messages, tools=ANTHROPIC_TOOLS,
-                            extra_body=GREEDY) as s:
-        kinds = [e.type for e in s]
-        m = s.get_final_message()
-    assert kinds[-1] == "message_stop" and m.stop_reason == "max_tokens"
-    assert kinds.count("content_block_start") == kinds.count("content_block_stop")
-    assert len(ids) == m.usage.input_tokens
+    n = full.usage.completion_tokens
+    assert full.choices[0].message.tool_calls
+    cut_inside_call = 0
+    for cut in range(1, n + 1):
+        kw = dict(messages=messages, tools=TOOLS, max_tokens=cut)
+        whole = _chat_answer(oc, False, **kw)
+        assert _chat_answer(oc, True, **kw) == whole, cut
+        if whole[2] == "length" and not whole[1] and "<invoke" in whole[0]:
+            cut_inside_call += 1
+        kw = dict(messages=messages, tools=ANTHROPIC_TOOLS, max_tokens=cut)
+        assert _anthropic_blocks(ac, True, **kw) == _anthropic_blocks(ac, False, **kw), cut
+        kw = dict(input=question, tools=RESPONSES_TOOLS, max_output_tokens=cut)
+        assert _responses_items(oc, True, **kw) == _responses_items(oc, False, **kw), cut
+    assert cut_inside_call >= 3  # the cuts did fall inside the call, where the old stream showed one
+    assert _chat_answer(oc, True, messages=messages, tools=TOOLS, max_tokens=n)[2] == "tool_calls"
 
 
 def test_forced_tool_choice_in_every_protocol(served, oc, ac, guided, calling_question):

@@ -6,10 +6,10 @@ a per-server key; a block coming back with a signature that does not verify is r
 without a signature is taken as the client's text), text, tool_use. `thinking` may be enabled,
 adaptive or disabled (disabled prefills an empty, closed thinking block: the model answers at once). Streaming sends
 the exact event sequence: message_start, per block content_block_start / _delta / _stop,
-message_delta (stop_reason, usage), message_stop. A tool_use block opens once the call's name has
-parsed and its input streams as `input_json_delta` pieces (string values as written); a call that turns
-out malformed (or is cut off by max_tokens) is closed with the input that parsed and its text
-follows as a text block, as in the non-streamed reply. tool_choice `any` or `tool` forces the
+message_delta (stop_reason, usage), message_stop. A tool_use block opens once the call has parsed
+whole (server.worker holds it until its `</invoke>`), and its input follows as `input_json_delta`
+pieces (string values as written); a call that turns out malformed (or is cut off by max_tokens)
+is no tool_use block: its text is a text block, as in the non-streamed reply. tool_choice `any` or `tool` forces the
 call's opening (chat_format.CallGuide); the model writes the input.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallArgs, ToolCallEnd,
-                                    ToolCallError, ToolCallStart, bad, call_guide, check_tools,
+                                    ToolCallStart, bad, call_guide, check_tools,
                                     collect, events, field_of, function_tool, new_id, prompt_ids, sampling,
                                     stop_list)
 from xinzhou.server.worker import EngineWorker
@@ -230,8 +230,8 @@ async def stream(worker: EngineWorker, req: dict, model: str, key: bytes) -> Asy
             elif isinstance(ev, ToolCallArgs):
                 yield sse("content_block_delta", {"index": index, "delta": {"type": "input_json_delta",
                                                                                "partial_json": ev.delta}})
-            elif isinstance(ev, (ToolCallEnd, ToolCallError)) and open_kind == "tool_use":
-                calls += isinstance(ev, ToolCallEnd)
+            elif isinstance(ev, ToolCallEnd) and open_kind == "tool_use":
+                calls += 1
                 for s in close():
                     yield s
             elif isinstance(ev, Done):

@@ -3,12 +3,11 @@ generation's events -> a `chat.completion` or a stream of `chat.completion.chunk
 
 Thinking is inline in `content` as `<think>...</think>` by default (as MiniMax's API returns it);
 with `reasoning_split: true` it is `reasoning_content` and `reasoning_details`. Thinking sent back
-in any of those forms goes into the prompt by the M2 rules (chat_format.render). Tool calls
-stream as they are generated: the header (id, name) once the `<invoke>` tag has parsed, then the
-arguments as JSON deltas (string values as written, others whole) that concatenate to the final arguments. A call
-that turns out malformed, or is cut off by max_tokens, after its header went out is closed with
-the arguments that parsed; its text then follows as content, as in the non-streamed reply, which
-has no such call. tool_choice "required" or a named function forces the call's opening
+in any of those forms goes into the prompt by the M2 rules (chat_format.render). A tool call
+streams once it has parsed whole (server.worker holds it until its `</invoke>`): the header (id,
+name), then the arguments as JSON deltas (string values as written, others whole) that
+concatenate to the final arguments. A call that turns out malformed, or is cut off by max_tokens,
+never streams as a call: its text is content, as in the non-streamed reply. tool_choice "required" or a named function forces the call's opening
 (chat_format.CallGuide); the model writes the arguments.
 """
 

@@ -11,11 +11,12 @@ tool forces the call's opening (chat_format.CallGuide). Output: reasoning, messa
 function_call and custom_tool_call items. The
 stream carries a `type` and a `sequence_number` in every event: response.created,
 response.in_progress, per item output_item.added / .done (with content_part, output_text and
-reasoning_text deltas, function_call_arguments delta / done, streamed as the arguments are
-generated, custom_tool_call_input delta / done), response.completed with the whole response
-object; item ids and call ids are the same in the stream and in that object. A call that turns
-out malformed, or is cut off, after its item was added is closed with status "incomplete" and
-the arguments that parsed; its text follows as a message, as in the non-streamed reply.
+reasoning_text deltas, function_call_arguments delta / done, custom_tool_call_input delta /
+done), then response.completed (response.incomplete when cut by max_output_tokens) with the whole
+response object; item ids and call ids are the same in the stream and in that object. A call's
+item is added once the call has parsed whole (server.worker holds it until its `</invoke>`); a
+call that turns out malformed, or is cut off, is no item: its text is a message, as in the
+non-streamed reply.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from xinzhou.server.common import (APIError, ContentDelta, Done, ReasoningDelta, ToolCallArgs, ToolCallEnd,
-                                    ToolCallError, ToolCallStart, bad, call_guide, check_tools, collect, events,
+                                    ToolCallStart, bad, call_guide, check_tools, collect, events,
                                     field_of, function_tool, new_id, prompt_ids, sampling)
 from xinzhou.server.worker import EngineWorker
 
@@ -294,13 +295,10 @@ async def stream(worker: EngineWorker, req: dict, model: str) -> AsyncIterator[s
                 call["input"] += ev.text  # a custom tool's input, as the model writes it
                 yield sse("response.custom_tool_call_input.delta", {"item_id": call["id"], "output_index": len(output) - 1,
                                                                     "delta": ev.text})
-            elif isinstance(ev, (ToolCallEnd, ToolCallError)) and call is not None:
+            elif isinstance(ev, ToolCallEnd) and call is not None:
                 idx = len(output) - 1
                 streamed = call.get("input", "")
-                if isinstance(ev, ToolCallEnd):
-                    output[idx] = call = {**_call_item(ev.id, ev.name, req["custom"], ev.arguments), "id": call["id"]}
-                else:
-                    call["status"] = "incomplete"
+                output[idx] = call = {**_call_item(ev.id, ev.name, req["custom"], ev.arguments), "id": call["id"]}
                 if call["type"] == "custom_tool_call":
                     # what the stream has not carried yet (all of it when the model wrote other parameters)
                     rest = call["input"][len(streamed):] if call["input"].startswith(streamed) else call["input"]

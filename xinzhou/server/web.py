@@ -6,7 +6,7 @@ thinking in a `<details>` ("thinking", closed by default) above the answer, and 
 back as `reasoning_details` on the next turn (interleaved thinking).
 
 Tools: an OpenAI-style `tools` list pasted into "Tools (JSON)" goes with every request (invalid
-JSON is an error line and nothing is sent). Tool calls show (name, arguments) as they stream; a
+JSON is an error line and nothing is sent). Tool calls show (name, arguments) once each has parsed whole; a
 reply with calls goes into the history as an assistant message with `tool_calls`, and each call
 gets a result box and a "Send result" button. Once every call's result is sent, the results go
 back as `tool` messages and the next assistant turn is requested by itself; a new message waits

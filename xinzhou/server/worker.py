@@ -5,13 +5,19 @@ The thread owns the model. It admits new requests and cancellations between engi
 client that disconnects frees its slot before the next step. Each request's events are turned
 into chat-format events here (the only place the server reads model output): token ids go
 through `chat_format.StreamParser.feed_ids`, so only special token ids are structure.
+
+A tool call reaches the protocols only once the parser has closed it: its start and argument
+pieces are held until its `</invoke>`, then sent together with its end. A call the parser gives up
+on (malformed, or cut off by max_tokens) is never sent as a call; its text comes as content. So a
+stream carries exactly the calls and the content of the non-streamed answer, and a client never
+acts on a call that the final message does not hold. Calls are numbered as sent (0, 1, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +59,8 @@ class _Job:
     reasoning_tokens: int = 0
     stopped: bool = False  # a stop string was seen: the rest is not emitted
     held: str = ""  # content that could be the start of a stop string
+    call: list[Event] = field(default_factory=list)  # the open tool call's start and arguments, not yet sent
+    calls_sent: int = 0
 
 
 class EngineWorker(EngineThread):
@@ -141,11 +149,20 @@ class EngineWorker(EngineThread):
                 text = self._filter(job, e.text)
                 if text:
                     self._send(job, ContentDelta(text))
-            elif isinstance(e, (ToolCallStart, ToolCallArgs, ToolCallEnd, ToolCallError)) and not job.stopped:
+            elif job.stopped:
+                continue
+            elif isinstance(e, (ToolCallStart, ToolCallArgs)):
+                job.call.append(e)
+            elif isinstance(e, ToolCallEnd):
                 if job.held:
                     self._send(job, ContentDelta(job.held))
                     job.held = ""
-                self._send(job, e)
+                for held in job.call + [e]:
+                    self._send(job, replace(held, index=job.calls_sent))
+                job.call, job.calls_sent = [], job.calls_sent + 1
+            elif isinstance(e, ToolCallError):  # the open call (if any) was never sent: drop it
+                job.call = []
+                self._send(job, replace(e, index=None))
 
     def _filter(self, job: _Job, text: str) -> str:
         """Content with the stop strings cut: nothing from the first one on is emitted; a tail that
