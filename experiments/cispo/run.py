@@ -1,6 +1,7 @@
 """CISPO vs DAPO vs GRPO at the same compute, on countdown (L3), from one SFT checkpoint.
 
-    python experiments/cispo/run.py --base runs/speedrun/sft/ckpt --out runs/cispo
+    python experiments/cispo/base.py --out runs/cispo-base          # the SFT checkpoint to start from
+    python experiments/cispo/run.py --base runs/cispo-base/sft/ckpt --out runs/cispo
     python experiments/cispo/run.py --base ... --out ... --report-only    # redo the tables and plots
 
 Every run: the same prompts per step, the same group size, `--updates` minibatch updates per
