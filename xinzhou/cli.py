@@ -70,7 +70,6 @@ class Recipe:
 
 
 RECIPES = {
-    # ~10 minutes on 2 CPU cores
     # ~10 minutes on 2 CPU cores. Full rotary (rotary_dim = head_dim) so that transformers' MiniMax,
     # which rotates the whole head, computes the same logits from the checkpoint.
     "tiny": Recipe(model=dict(name="tiny", hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
