@@ -30,7 +30,7 @@ from torch import nn
 
 from xinzhou.config import preset
 from xinzhou.model import XinzhouLM
-from xinzhou.train import make_optimizer
+from xinzhou.optim import make_optimizer
 
 SHAPES = {
     # the speedrun's model (cli.RECIPES["tiny"]) at its SFT batch

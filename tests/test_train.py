@@ -65,13 +65,16 @@ def _train_cmd(shard, out, *extra):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def test_two_processes_fsdp_match_one_process(shard, tmp_path):
-    # the same micro-batches either way: 1 rank x 2 accumulation steps, or 2 ranks x 1
-    subprocess.run(_train_cmd(shard, tmp_path / "one", "--steps", "4", "--batch-size", "1", "--grad-accum", "2"),
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_fsdp_match_one_process(shard, tmp_path, optimizer):
+    # the same micro-batches either way: 1 rank x 2 accumulation steps, or 2 ranks x 1; Muon
+    # orthogonalises each sharded matrix whole, so its updates do not depend on the sharding
+    opt = ("--optimizer", optimizer)
+    subprocess.run(_train_cmd(shard, tmp_path / "one", "--steps", "4", "--batch-size", "1", "--grad-accum", "2", *opt),
                    check=True, env=ENV, timeout=300)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29500 + random.randrange(1000))]
-    cmd = _train_cmd(shard, tmp_path / "two", "--steps", "4", "--batch-size", "1", "--grad-accum", "1")
+    cmd = _train_cmd(shard, tmp_path / "two", "--steps", "4", "--batch-size", "1", "--grad-accum", "1", *opt)
     run = subprocess.run(torchrun + cmd[1:], env=ENV, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
@@ -83,8 +86,9 @@ def test_two_processes_fsdp_match_one_process(shard, tmp_path):
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-5
 
 
-def test_sigkill_and_resume_gives_the_same_curve_bitwise(shard, tmp_path):
-    args = ("--steps", "14", "--batch-size", "2", "--ckpt-every", "3")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigkill_and_resume_gives_the_same_curve_bitwise(shard, tmp_path, optimizer):
+    args = ("--steps", "14", "--batch-size", "2", "--ckpt-every", "3", "--optimizer", optimizer)
     subprocess.run(_train_cmd(shard, tmp_path / "ref", *args), check=True, env=ENV, timeout=300)
     out = tmp_path / "killed"
     kill_after = random.Random().randint(4, 12)  # rows in metrics.jsonl before the kill

@@ -67,6 +67,8 @@ class Recipe:
     curve_points: int = 0  # evaluations during SFT (at n = curve_n) for the curve of levels against minutes
     curve_n: int = 50
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
+    optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
+    muon_lr: float = 0.02
 
 
 RECIPES = {
@@ -98,6 +100,8 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     recipe_name = recipe if isinstance(recipe, str) else (name or "custom")
     if not r.doc_mask:
         recipe_name += ", no document masking"
+    if r.optimizer != "adamw":
+        recipe_name += f", {r.optimizer}"
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
@@ -134,7 +138,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     spec = dict(r.model)
     model_cfg: ModelConfig = preset(spec.pop("name"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **spec)
-    common = dict(seed=seed, tokenizer=str(tok_path), doc_mask=r.doc_mask)
+    common = dict(seed=seed, tokenizer=str(tok_path), doc_mask=r.doc_mask, optimizer=r.optimizer, muon_lr=r.muon_lr)
     _log(f"4/5 pretrain ({model_cfg.num_params() / 1e6:.2f}M params) then SFT")
     pre = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "pretrain"), out_dir=str(out_dir / "pretrain"),
                                        steps=r.pretrain_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
@@ -314,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-doc-mask", action="store_true",
                    help="let each document of a packed training window see the ones before it (the old way)")
+    s.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
+                   help="override the recipe's optimiser (muon: Muon for the hidden matrices, AdamW for the rest)")
     e = sub.add_parser("eval", parents=[common], help="capability report of a checkpoint or of an endpoint")
     e.add_argument("ckpt", nargs="?", default=None, help="checkpoint directory with tokenizer.json (or --model)")
     e.add_argument("--model", default=None, help="checkpoint directory with tokenizer.json (runs here)")
@@ -550,6 +556,8 @@ def _run(args: argparse.Namespace) -> None:
         recipe = RECIPES[args.preset]
         if args.no_doc_mask:
             recipe = dataclasses.replace(recipe, doc_mask=False)
+        if args.optimizer:
+            recipe = dataclasses.replace(recipe, optimizer=args.optimizer)
         speedrun(recipe, args.out, args.seed, name=args.preset)
     elif args.cmd == "eval":
         _eval(args)

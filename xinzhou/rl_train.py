@@ -41,8 +41,9 @@ from xinzhou.engine import Engine, Finished, SamplingParams, Token
 from xinzhou.engine.logprobs import logprobs_of
 from xinzhou.errors import CheckpointError, DataError, cli_errors
 from xinzhou.evals import evaluate_level, local_client
+from xinzhou.optim import make_optimizer
 from xinzhou.tokenizer import Tokenizer
-from xinzhou.train import (build_model, check_run_dir, cosine_lr, load_trainer_state, log_metrics, make_optimizer,
+from xinzhou.train import (build_model, check_run_dir, cosine_lr, load_trainer_state, log_metrics,
                            prepare_out_dir, restore, run_info, save_checkpoint, setup_distributed, start_metrics,
                            _read_metrics)
 

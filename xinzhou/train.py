@@ -5,7 +5,8 @@
 
 SFT is pretraining with a loss mask (the shards carry it). Windows are packed with whole documents;
 with doc_mask (the default) each document is computed as if alone: positions from 0, attention
-and the lightning state inside the document, as at inference. AdamW, linear warmup + cosine decay,
+and the lightning state inside the document, as at inference. AdamW (or Muon for the hidden
+matrices: --optimizer muon, xinzhou/optim.py), linear warmup + cosine decay,
 gradient clipping, gradient accumulation, bf16 autocast on GPU. The loss of a step is the mean
 cross-entropy over every target token of the global batch (all micro-batches, all ranks), so
 1 x 8 and 8 x 1 accumulation and 1 or 2 ranks give the same updates.
@@ -51,6 +52,7 @@ from xinzhou.data import PackedLoader
 from xinzhou.errors import CheckpointError, DataError, OutputError, cli_errors
 from xinzhou.hf import config_from_hf, config_to_hf, load_hf, write_hf
 from xinzhou.model import XinzhouLM
+from xinzhou.optim import make_optimizer
 from xinzhou.ops.moe import update_correction_bias
 
 
@@ -68,6 +70,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"  # or "muon": Muon for the hidden matrices at muon_lr, AdamW at lr for the rest
+    muon_lr: float = 0.02  # peak lr of the Muon groups (same warmup and decay as lr)
     grad_clip: float = 1.0
     doc_mask: bool = True  # each document of a packed window on its own (as at inference), not seeing the one before
     bias_update_rate: float = 0.001  # sigmoid routers (M2): correction-bias step per optimizer step
@@ -88,6 +92,9 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr = {self.lr}, min_lr_ratio = {self.min_lr_ratio}: need lr > 0 and "
                              "min_lr_ratio in [0, 1]")
+        if self.optimizer not in ("adamw", "muon") or not self.muon_lr > 0:
+            raise ValueError(f"optimizer = {self.optimizer!r}, muon_lr = {self.muon_lr}: expected 'adamw' or "
+                             "'muon' and muon_lr > 0")
 
 
 # ----------------------------------------------------------------------------- pieces every trainer shares
@@ -217,15 +224,6 @@ def build_model(model_cfg: ModelConfig | None, source: Path | None, device: torc
     return model
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not embeddings, norms or biases)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                             lr=lr, betas=betas, eps=eps, foreach=False)
-
-
 def start_metrics(path: Path, start: int) -> None:
     """metrics.jsonl for a run (re)starting at step `start`: rows of later steps (written after the
     checkpoint it resumes from) are dropped, so every step appears once."""
@@ -301,7 +299,8 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig,
     source = ckpt if resume else (Path(cfg.init_from) if cfg.init_from else None)
     model = build_model(model_cfg, source, device, world)
     model_cfg = model.config
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), kind=cfg.optimizer,
+                         muon_lr=cfg.muon_lr)
     loader = PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, rank, world, cfg.seed)
     if loader.meta["vocab_size"] > model_cfg.vocab_size:
         raise DataError(f"{cfg.data}: tokens up to {loader.meta['vocab_size']} but the model's vocab is "
@@ -333,7 +332,7 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig,
         n_global = max(counts.item(), 1.0)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon groups: muon_lr / lr
         ce_sum, aux_sum = 0.0, 0.0
         for x, y, seg in batches:
             x, y = x.to(device), y.to(device)

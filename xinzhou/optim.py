@@ -1,0 +1,136 @@
+"""The optimisers of the trainers: AdamW, or Muon for the hidden matrices with AdamW for the rest.
+
+Muon (Jordan et al. 2024; used by modded-nanogpt and nanochat) takes the momentum of a weight
+matrix's gradient and replaces it by the nearest semi-orthogonal matrix (all singular values
+about 1, found by a few Newton-Schulz iterations), so every direction of the matrix moves at the
+same rate. On the tiny speedrun shape it is what lets content-based copying (induction heads)
+form within the CPU budget: experiments/induction/ measures it.
+
+One optimiser class holds both kinds of parameter group (`"muon": True/False`), so checkpoints,
+resume and FSDP's optimiser state dict see one optimiser. The trainer sets each group's lr every
+step as `schedule(step) * group["lr_ratio"]`: the Muon groups run at muon_lr / lr times the AdamW
+rate on the same warmup and decay. Weight decay is decoupled (p -= lr * wd * p) and its per-step
+amount is the same in both kinds of group (the Muon groups' coefficient is divided by lr_ratio).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: fast rather than exact
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """An approximation of U V^T for each matrix of g [..., m, n] (g = U S V^T): five Newton-Schulz
+    iterations of Muon's quintic on g / ||g||_F, in fp32. The singular values land in about
+    [0.7, 1.2] rather than exactly at 1, which trains as well and needs fewer iterations."""
+    a, b, c = NS_COEFFS
+    x = g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:  # iterate on the smaller Gram matrix
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.mT).to(g.dtype)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for groups with muon=True (momentum, Nesterov, then each matrix of the update
+    orthogonalised, one per expert for [E, m, n] expert weights, scaled by sqrt(max(1, m / n))),
+    AdamW for the others (the same update as torch.optim.AdamW). FSDP2-sharded parameters
+    (DTensors) are orthogonalised whole: the update is gathered, orthogonalised on every rank and
+    each rank keeps its shard."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.95):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      muon=False, lr_ratio=1.0))
+        for group in self.param_groups:
+            if group["muon"] and any(p.dim() < 2 for p in group["params"]):
+                raise ValueError("Muon parameter groups take matrices (or stacks of them) only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                if group["muon"]:
+                    self._muon(p, p.grad, state, lr, group["momentum"])
+                else:
+                    self._adamw(p, p.grad, state, lr, group["betas"], group["eps"])
+        return loss
+
+    @staticmethod
+    def _muon(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, momentum: float) -> None:
+        if not state:
+            state["momentum"] = torch.zeros_like(p)
+        buf = state["momentum"]
+        buf.mul_(momentum).add_(grad)
+        update = grad.add(buf, alpha=momentum)  # Nesterov
+        full = orthogonalize(_full(update))
+        if hasattr(update, "full_tensor"):
+            from torch.distributed.tensor import distribute_tensor
+            full = distribute_tensor(full, update.device_mesh, update.placements)
+        p.add_(full, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+
+    @staticmethod
+    def _adamw(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
+               eps: float) -> None:
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"].item()
+        b1, b2 = betas
+        state["exp_avg"].lerp_(grad, 1 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (state["exp_avg_sq"].sqrt() / (1 - b2 ** t) ** 0.5).add_(eps)
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """The hidden matrices: attention projections and expert weights. Not the embedding, the LM
+    head or the router (their rows are per token or per expert, not a linear map to balance)."""
+    return p.dim() >= 2 and not name.startswith(("embed", "lm_head")) and not name.endswith("gate.weight")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float = 1e-8, kind: str = "adamw", muon_lr: float = 0.02) -> torch.optim.Optimizer:
+    """kind "adamw": torch's AdamW with weight decay on matrices only (not embeddings, norms or
+    biases). kind "muon": MuonAdamW with the hidden matrices (is_muon_param) on Muon at muon_lr
+    (group lr_ratio = muon_lr / lr) and everything else on AdamW at lr; decay as with "adamw"."""
+    named = list(model.named_parameters())
+    decays = [n for n, p in named if p.dim() >= 2 and not n.startswith("embed")]
+    if kind == "adamw":
+        decay = [p for n, p in named if n in decays]
+        other = [p for n, p in named if n not in decays]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                  {"params": other, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps, foreach=False)
+    if kind != "muon":
+        raise ValueError(f"optimizer {kind!r}: expected 'adamw' or 'muon'")
+    if not muon_lr > 0:
+        raise ValueError(f"muon_lr = {muon_lr}: must be > 0")
+    ratio = muon_lr / lr
+    muon = [p for n, p in named if is_muon_param(n, p)]
+    muon_ids = {id(p) for p in muon}
+    decay = [p for n, p in named if n in decays and id(p) not in muon_ids]
+    other = [p for n, p in named if n not in decays and id(p) not in muon_ids]
+    groups = [dict(params=muon, muon=True, lr_ratio=ratio, lr=muon_lr, weight_decay=weight_decay / ratio),
+              dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
+    return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
