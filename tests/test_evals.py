@@ -69,6 +69,11 @@ def test_gold_outputs_score_full_marks_and_garbage_scores_zero(tok):
     assert len(gold.prompts) == 5 * 12 + 12  # L4 runs a second turn, after the tool result, per sample
     assert len({tuple(p) for p in gold.prompts}) == len(table)  # every gold turn was asked for
 
+    # L1's two kinds are scored apart: a model that only copies scores 100% on "repeat", 0% on "kv"
+    repeat_only = TableClient(tok, lambda p: table[tuple(p)] if "Repeat" in tok.decode(p) else tok.encode("x"))
+    r1 = evals.evaluate_level(repeat_only, 1, n=12)
+    assert r1.details == {"kv": 0.0, "repeat": 1.0} and 0 < r1.score < 1
+
     garbage = TableClient(tok, lambda p: tok.encode("no idea") + [tok.eos_id])
     results = [evals.evaluate_level(garbage, lv, n=12) for lv in levels]
     assert all(r.score == 0.0 and not r.passed for r in results)

@@ -159,7 +159,7 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
     from xinzhou.cli import RECIPES
 
     r = RECIPES["tiny"]
-    train_text = set(tasks.pretrain_text(0, r.pretrain_docs))
+    train_text = set(tasks.pretrain_text(0, r.pretrain_docs, max(r.pretrain_drills, 300)))
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)
@@ -305,3 +305,23 @@ def test_pretrain_text_deterministic_and_train_only() -> None:
     sums = [m for d in docs if (m := re.fullmatch(r"(\d+)\+(\d+)=(\d+)", d))]
     assert sums and all(split_of(f"{a}+{b}") == "train" and int(a) + int(b) == int(c) for a, b, c in (m.groups() for m in sums))
     assert any(d.startswith("The ") and "code of" not in d for d in docs)  # plain filler text
+
+
+def test_drills_answer_right_and_never_hold_a_level_problem() -> None:
+    docs = tasks.drill_text(0, 600)
+    assert docs == tasks.drill_text(0, 600) and docs != tasks.drill_text(1, 600)
+    repeat, lookup = docs[0::2], docs[1::2]
+    for d in repeat:
+        lines = d.split("\n")
+        assert 2 <= len(lines) <= 4 and len(set(lines)) == 1 and 3 <= len(lines[0].split()) <= 8
+    for d in lookup:
+        pairs, *qa = d.split("\n")
+        table = dict(kv.split("=") for kv in pairs.split())
+        questions = [line.split("? ") for line in qa]
+        assert 7 <= len(table) <= 12 and len(qa) == 4 and questions[0][0] not in list(table)[-6:]
+        assert all(table[k] == v for k, v in questions) and len({k for k, _ in questions}) == 4
+    held_out = [user_text(s) for lv in (1, 5) for s in generate(LEVELS[lv].family, "test", LEVELS[lv].n, 0,
+                                                                  **LEVELS[lv].params)]
+    assert not any(p in d for p in held_out for d in docs)
+    mixed = pretrain_text(0, 60, drills=30)
+    assert len(mixed) == 90 and set(docs[:30]) <= set(mixed) and pretrain_text(0, 60) == pretrain_text(0, 60, 0)

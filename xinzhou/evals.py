@@ -117,6 +117,11 @@ def evaluate_level(client: Client, level: int, n: int | None = None, seed: int =
             first = list(pool.map(lambda s: client.complete([s.messages[-1]["content"]], s.tools or []), samples))
             oks = [tasks.verify(s, parsed(t)) for s, t in zip(samples, first)]
             score = accuracy = sum(oks) / len(samples)
+            kinds = sorted({s.meta["kind"] for s in samples if "kind" in s.meta})
+            if len(kinds) > 1:  # e.g. L1: copying a sequence and reading a key's value, each on its own
+                for kind in kinds:
+                    got = [ok for s, ok in zip(samples, oks) if s.meta.get("kind") == kind]
+                    details[kind] = sum(got) / len(got)
     for s, t, ok in list(zip(samples, first, oks))[:3]:
         examples.append(dict(prompt=s.messages[-1]["content"][:200], output=_shown(t)[:300], ok=ok))
     return LevelResult(level, spec.family, spec.measures, spec.metric, score, spec.threshold, len(samples),

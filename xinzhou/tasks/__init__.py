@@ -9,7 +9,7 @@ A `Sample` holds the prompt (`messages`), the turns a model should produce (`tar
 the conversation is messages + target), the offered `tools`, and the expected `answer`. Problems
 are split into train and test by a hash of the problem (common.split_of), so no test problem is
 ever generated for training. `pretrain_text` gives a small plain-text corpus of train problems
-and filler sentences for pretraining and tokenizer training.
+and filler sentences for pretraining and tokenizer training, with copying drills (drills.py) if asked.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from types import ModuleType
 from typing import Any
 
 from xinzhou.tasks import arithmetic, countdown, recall, retrieval, tools
+from xinzhou.tasks.drills import drill_text
 from xinzhou.tasks.common import Parsed, ParsedLike, Sample, gold_parsed, sentence, split_of, user_text
 
 __all__ = [
     "FAMILIES", "LEVELS", "Level", "Parsed", "ParsedLike", "Sample",
-    "conversation", "generate", "gold_parsed", "pretrain_text", "split_of", "to_text", "verify",
+    "conversation", "drill_text", "generate", "gold_parsed", "pretrain_text", "split_of", "to_text", "verify",
 ]
 
 FAMILIES: dict[str, ModuleType] = {
@@ -95,8 +96,9 @@ def to_text(sample: Sample) -> str:
     return schemas + prompt + ("" if prompt.endswith("=") else "\n") + sample.answer
 
 
-def pretrain_text(seed: int, n: int) -> list[str]:
-    """`n` short plain-text documents: train-split problems of every family and filler paragraphs."""
+def pretrain_text(seed: int, n: int, drills: int = 0) -> list[str]:
+    """`n` short plain-text documents: train-split problems of every family and filler paragraphs,
+    plus `drills` copying drills (drill_text), shuffled together."""
     rng = random.Random(f"pretrain/{seed}")
     per = -(-n // (len(FAMILIES) + 1))
     docs = [
@@ -106,4 +108,7 @@ def pretrain_text(seed: int, n: int) -> list[str]:
     ]
     docs += [" ".join(sentence(rng) for _ in range(rng.randint(2, 6))) for _ in range(per)]
     rng.shuffle(docs)
-    return docs[:n]
+    docs = docs[:n] + drill_text(seed, drills)
+    if drills:
+        rng.shuffle(docs)
+    return docs

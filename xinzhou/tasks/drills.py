@@ -1,0 +1,47 @@
+"""Copying drills for pretraining: dense practice of the in-context copying that L1 needs.
+
+A task sample trains one answer (a few tokens) per problem; a drill document asks for the same
+skill at every line, and pretraining trains every token. Two kinds, in the shapes L1 uses:
+
+    repeat:  a word sequence written two to four times, one per line
+    lookup:  7-12 k=value pairs, then four "k? value" lines
+
+No drill contains a problem of the levels, by construction: no line says "Repeat:", and the
+question that follows a lookup list asks for a key outside its last six pairs (an L1 list has at
+most six, and its question is on one of them). Recipe.pretrain_drills adds them to a speedrun;
+experiments/induction/ measures what they do (so far: not enough to rely on). experiments/induction/ shows why they matter with Muon.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from xinzhou.tasks.common import WORDS
+
+KINDS = ("repeat", "lookup")
+
+
+def drill_text(seed: int, n: int) -> list[str]:
+    """`n` drill documents, the kinds in turn (deterministic in seed)."""
+    rng = random.Random(f"drills/{seed}")
+    return [_DRILLS[KINDS[i % len(KINDS)]](rng) for i in range(n)]
+
+
+def _repeat(rng: random.Random) -> str:
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+    return "\n".join([words] * rng.randint(2, 4))
+
+
+def _lookup(rng: random.Random) -> str:
+    keys = rng.sample(string.ascii_lowercase, rng.randint(7, 12))
+    values = {k: rng.choice(WORDS) for k in keys}
+    pairs = " ".join(f"{k}={v}" for k, v in values.items())
+    # the first question (the one line that follows the list) asks for a key outside its last six
+    # pairs, so no L1 problem (at most six pairs, then a question on one of them) is a substring
+    first = rng.choice(keys[:-6])
+    questions = [first] + rng.sample([k for k in keys if k != first], 3)
+    return pairs + "".join(f"\n{k}? {values[k]}" for k in questions)
+
+
+_DRILLS = {"repeat": _repeat, "lookup": _lookup}
