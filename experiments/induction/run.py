@@ -31,7 +31,8 @@ from xinzhou.config import preset
 from xinzhou.model import XinzhouLM
 from xinzhou.optim import make_optimizer
 
-LO, HI, T = 300, 800, 128
+LO, T = 300, 128
+HI = 800  # ids LO..HI; --ids changes how many
 
 
 def period_row(rng: random.Random) -> list[int]:
@@ -53,7 +54,8 @@ def batch(rng: random.Random, n_period: int, n_induction: int) -> tuple[torch.Te
     return rows[:, :-1], rows[:, 1:]
 
 
-def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, opt_kind: str) -> list[dict]:
+def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, opt_kind: str,
+        period_rows: int = 8) -> list[dict]:
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=1024, hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
                  layer_types=tuple({"L": "lightning", "S": "softmax"}[c] for c in layers), initializer_range=init)
@@ -64,7 +66,7 @@ def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, 
     eval_period, eval_induction = batch(held, 16, 0), batch(held, 0, 16)
     curve, t0 = [], time.time()
     for step in range(1, steps + 1):
-        x, y = batch(rng, 8, 8)
+        x, y = batch(rng, period_rows, 16 - period_rows)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,9 +92,15 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--opt", choices=("adamw", "muon"), default="adamw",
                     help="muon: Muon (lr 0.02) for hidden matrices, AdamW at --lr for the rest")
+    ap.add_argument("--period-rows", type=int, choices=range(0, 17), default=8, metavar="0..16",
+                    help="period-2 rows of the 16 per step (the rest are induction rows)")
+    ap.add_argument("--ids", type=int, default=501, help="distinct token ids the rows are drawn from")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    results = {str(i): run(i, args.steps, args.lr, args.layers, args.seed, args.every, args.opt) for i in args.init}
+    global HI
+    HI = LO + args.ids - 1
+    results = {str(i): run(i, args.steps, args.lr, args.layers, args.seed, args.every, args.opt, args.period_rows)
+               for i in args.init}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"curves-{args.opt}.json").write_text(json.dumps(dict(vars(args), out=str(args.out), curves=results), indent=2))
