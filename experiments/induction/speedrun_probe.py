@@ -5,13 +5,37 @@ drills (xinzhou/tasks/drills.py) and more steps, scored on 50 held-out problems 
     python experiments/induction/speedrun_probe.py --optimizer muon --drills 6000 --pretrain-steps 300 --seed 2
 
 Writes a speedrun directory (report.md, levels.json) under --out; about 4 minutes on 2 cores.
-L1's report row gives its two kinds apart (repeat: copy a sequence; kv: read a key's value).
+L1's report row gives its two kinds apart (repeat: copy a sequence; kv: read a key's value); the
+last lines print whether the pretrained and the SFT model copy at all (copy_loss).
 """
 
 import argparse
 import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from xinzhou.cli import RECIPES, speedrun
+from xinzhou.hf import load_hf
+from xinzhou.tasks import drill_text
+from xinzhou.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def copy_loss(ckpt: Path, tok: Tokenizer, n: int = 20) -> tuple[float, float]:
+    """Mean loss (nats) on the first line of n held-out repeat drills, and on the copies after it:
+    a model that copies from its context is near 0 on the copies, one that does not stays near
+    the first line's loss."""
+    model = load_hf(ckpt).eval()
+    first, later = [], []
+    for doc in drill_text(999, 2 * n)[0::2]:  # the repeat drills of a seed no run trains on
+        ids = torch.tensor([[tok.bos_id] + tok.encode(doc)])  # documents start with BOS, as in training
+        n1 = 1 + len(tok.encode(doc.split("\n")[0]))
+        loss = F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="none")
+        first.append(loss[:n1 - 1].mean().item())
+        later.append(loss[n1:].mean().item())
+    return sum(first) / n, sum(later) / n
 
 
 def main() -> None:
@@ -19,15 +43,24 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("adamw", "muon"), default="muon")
     ap.add_argument("--drills", type=int, default=6000, help="copying drills added to pretraining")
     ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-docs", type=int, default=6000, help="task and filler documents in pretraining")
     ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-lr", type=float, default=RECIPES["tiny"].sft_lr, help="AdamW rate of SFT")
+    ap.add_argument("--sft-muon-lr", type=float, default=None, help="Muon rate of SFT (default: the recipe's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     r = dataclasses.replace(RECIPES["tiny"], optimizer=args.optimizer, pretrain_drills=args.drills,
+                            pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=dict(recall=8000, retrieval=2000),
-                            sft_steps=args.sft_steps, curve_points=0, eval_n=50)
-    out = args.out or f"runs/induction-probe/{args.optimizer}-drills{args.drills}-seed{args.seed}"
+                            sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
+                            curve_points=0, eval_n=50)
+    out = args.out or f"runs/induction-probe/{args.optimizer}-docs{args.pretrain_docs}-drills{args.drills}-seed{args.seed}"
     speedrun(r, out, seed=args.seed, name="L1/L5 probe")
+    tok = Tokenizer.load(Path(out) / "tokenizer" / "tokenizer.json")
+    for stage in ("pretrain", "sft"):
+        a, b = copy_loss(Path(out) / stage / "ckpt", tok)
+        print(f"{stage}: loss on held-out repeat drills, first line {a:.2f}, later copies {b:.2f} nats")
 
 
 if __name__ == "__main__":
