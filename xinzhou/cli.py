@@ -53,7 +53,6 @@ class Recipe:
     model: dict  # preset name + overrides
     vocab_size: int
     pretrain_docs: int
-    pretrain_drills: int  # copying drills added to the pretraining documents (tasks.drill_text)
     sft_mix: dict  # family -> number of training samples
     tool_turns: int  # tool samples chained per SFT conversation (the tools section is paid once)
     seq_len: int  # pretraining
@@ -68,6 +67,7 @@ class Recipe:
     curve_points: int = 0  # evaluations during SFT (at n = curve_n) for the curve of levels against minutes
     curve_n: int = 50
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
+    pretrain_drills: int = 0  # copying drills added to the pretraining documents (tasks.drill_text)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what
@@ -79,13 +79,13 @@ RECIPES = {
     # which rotates the whole head, computes the same logits from the checkpoint.
     "tiny": Recipe(model=dict(name="tiny", hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
                               layer_types=("lightning", "softmax", "lightning", "softmax")),
-                   vocab_size=1024, pretrain_docs=6000, pretrain_drills=0,
+                   vocab_size=1024, pretrain_docs=6000,
                    sft_mix=dict(arithmetic=16000, tools=12000, recall=1000, countdown=1000, retrieval=100),
                    tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
                    pretrain_steps=100, sft_steps=1100, pretrain_lr=3e-3, sft_lr=3e-3, eval_n=200,
                    curve_points=3),
     # the 306.8M benchmark shape; for a GPU
-    "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000, pretrain_drills=0,
+    "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000,
                     sft_mix=dict(arithmetic=100000, tools=30000, recall=20000, countdown=20000, retrieval=5000),
                     tool_turns=3, seq_len=1024, batch_size=32, sft_seq_len=1024, sft_batch_size=32, pretrain_steps=2000, sft_steps=3000, pretrain_lr=1e-3,
                     sft_lr=5e-4, eval_n=200, curve_points=4, curve_n=100),

@@ -36,10 +36,6 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x if wide else x.mT).to(g.dtype)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for groups with muon=True (momentum, Nesterov, then each matrix of the update
     orthogonalised, one per expert for [E, m, n] expert weights, scaled by sqrt(max(1, m / n))),
@@ -82,11 +78,12 @@ class MuonAdamW(torch.optim.Optimizer):
         buf = state["momentum"]
         buf.mul_(momentum).add_(grad)
         update = grad.add(buf, alpha=momentum)  # Nesterov
-        full = orthogonalize(_full(update))
-        if hasattr(update, "full_tensor"):
+        if hasattr(update, "full_tensor"):  # an FSDP2 shard: orthogonalise the whole matrix, keep this rank's part
             from torch.distributed.tensor import distribute_tensor
-            full = distribute_tensor(full, update.device_mesh, update.placements)
-        p.add_(full, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+            update = distribute_tensor(orthogonalize(update.full_tensor()), update.device_mesh, update.placements)
+        else:
+            update = orthogonalize(update)
+        p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
     @staticmethod
     def _adamw(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
@@ -115,22 +112,21 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     """kind "adamw": torch's AdamW with weight decay on matrices only (not embeddings, norms or
     biases). kind "muon": MuonAdamW with the hidden matrices (is_muon_param) on Muon at muon_lr
     (group lr_ratio = muon_lr / lr) and everything else on AdamW at lr; decay as with "adamw"."""
-    named = list(model.named_parameters())
-    decays = [n for n, p in named if p.dim() >= 2 and not n.startswith("embed")]
-    if kind == "adamw":
-        decay = [p for n, p in named if n in decays]
-        other = [p for n, p in named if n not in decays]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                  {"params": other, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps, foreach=False)
-    if kind != "muon":
+    if kind not in ("adamw", "muon"):
         raise ValueError(f"optimizer {kind!r}: expected 'adamw' or 'muon'")
-    if not muon_lr > 0:
+    if kind == "muon" and not muon_lr > 0:
         raise ValueError(f"muon_lr = {muon_lr}: must be > 0")
+    muon, decay, other = [], [], []
+    for n, p in model.named_parameters():
+        if kind == "muon" and is_muon_param(n, p):
+            muon.append(p)
+        elif p.dim() >= 2 and not n.startswith("embed"):
+            decay.append(p)
+        else:
+            other.append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
     ratio = muon_lr / lr
-    muon = [p for n, p in named if is_muon_param(n, p)]
-    muon_ids = {id(p) for p in muon}
-    decay = [p for n, p in named if n in decays and id(p) not in muon_ids]
-    other = [p for n, p in named if n not in decays and id(p) not in muon_ids]
-    groups = [dict(params=muon, muon=True, lr_ratio=ratio, lr=muon_lr, weight_decay=weight_decay / ratio),
-              dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
+    groups.insert(0, dict(params=muon, muon=True, lr_ratio=ratio, lr=muon_lr, weight_decay=weight_decay / ratio))
     return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)

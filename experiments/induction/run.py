@@ -31,31 +31,30 @@ from xinzhou.config import preset
 from xinzhou.model import XinzhouLM
 from xinzhou.optim import make_optimizer
 
-LO, T = 300, 128
-HI = 800  # ids LO..HI; --ids changes how many
+LO, T = 300, 128  # rows of T + 1 ids from LO on
 
 
-def period_row(rng: random.Random) -> list[int]:
+def period_row(rng: random.Random, hi: int) -> list[int]:
     row: list[int] = []
     while len(row) <= T:
-        row += [rng.randint(LO, HI), rng.randint(LO, HI)] * 8
+        row += [rng.randint(LO, hi), rng.randint(LO, hi)] * 8
     return row[:T + 1]
 
 
-def induction_row(rng: random.Random) -> list[int]:
+def induction_row(rng: random.Random, hi: int) -> list[int]:
     row: list[int] = []
     while len(row) <= T:
-        row += [rng.randint(LO, HI) for _ in range(rng.randint(6, 16))] * 4
+        row += [rng.randint(LO, hi) for _ in range(rng.randint(6, 16))] * 4
     return row[:T + 1]
 
 
-def batch(rng: random.Random, n_period: int, n_induction: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.tensor([period_row(rng) for _ in range(n_period)] + [induction_row(rng) for _ in range(n_induction)])
+def batch(rng: random.Random, n_period: int, n_induction: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.tensor([period_row(rng, hi) for _ in range(n_period)] + [induction_row(rng, hi) for _ in range(n_induction)])
     return rows[:, :-1], rows[:, 1:]
 
 
 def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, opt_kind: str,
-        period_rows: int = 8) -> list[dict]:
+        period_rows: int = 8, hi: int = 800) -> list[dict]:
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=1024, hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
                  layer_types=tuple({"L": "lightning", "S": "softmax"}[c] for c in layers), initializer_range=init)
@@ -63,10 +62,10 @@ def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, 
     # no weight decay here; with "muon", Muon at lr 0.02 for the hidden matrices, AdamW at lr for the rest
     opt = make_optimizer(model, lr, 0.0, (0.9, 0.95), kind=opt_kind)
     rng, held = random.Random(seed), random.Random(10_000 + seed)
-    eval_period, eval_induction = batch(held, 16, 0), batch(held, 0, 16)
+    eval_period, eval_induction = batch(held, 16, 0, hi), batch(held, 0, 16, hi)
     curve, t0 = [], time.time()
     for step in range(1, steps + 1):
-        x, y = batch(rng, period_rows, 16 - period_rows)
+        x, y = batch(rng, period_rows, 16 - period_rows, hi)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,10 +96,8 @@ def main() -> None:
     ap.add_argument("--ids", type=int, default=501, help="distinct token ids the rows are drawn from")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    global HI
-    HI = LO + args.ids - 1
-    results = {str(i): run(i, args.steps, args.lr, args.layers, args.seed, args.every, args.opt, args.period_rows)
-               for i in args.init}
+    results = {str(i): run(i, args.steps, args.lr, args.layers, args.seed, args.every, args.opt, args.period_rows,
+                           LO + args.ids - 1) for i in args.init}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"curves-{args.opt}.json").write_text(json.dumps(dict(vars(args), out=str(args.out), curves=results), indent=2))

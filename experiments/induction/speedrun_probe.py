@@ -13,16 +13,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from xinzhou.cli import RECIPES, speedrun
+from xinzhou.engine.logprobs import token_logprobs
 from xinzhou.hf import load_hf
 from xinzhou.tasks import drill_text
 from xinzhou.tokenizer import Tokenizer
 
 
-@torch.no_grad()
 def copy_loss(ckpt: Path, tok: Tokenizer, n: int = 20) -> tuple[float, float]:
     """Mean loss (nats) on the first line of n held-out repeat drills, and on the copies after it:
     a model that copies from its context is near 0 on the copies, one that does not stays near
@@ -30,9 +27,9 @@ def copy_loss(ckpt: Path, tok: Tokenizer, n: int = 20) -> tuple[float, float]:
     model = load_hf(ckpt).eval()
     first, later = [], []
     for doc in drill_text(999, 2 * n)[0::2]:  # the repeat drills of a seed no run trains on
-        ids = torch.tensor([[tok.bos_id] + tok.encode(doc)])  # documents start with BOS, as in training
+        ids = [tok.bos_id] + tok.encode(doc)  # documents start with BOS, as in training
         n1 = 1 + len(tok.encode(doc.split("\n")[0]))
-        loss = F.cross_entropy(model(ids[:, :-1])[0].float(), ids[0, 1:], reduction="none")
+        loss = -token_logprobs(model, ids)  # loss[i]: of ids[i + 1]
         first.append(loss[:n1 - 1].mean().item())
         later.append(loss[n1:].mean().item())
     return sum(first) / n, sum(later) / n

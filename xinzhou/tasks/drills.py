@@ -9,7 +9,7 @@ skill at every line, and pretraining trains every token. Two kinds, in the shape
 No drill contains a problem of the levels, by construction: no line says "Repeat:", and the
 question that follows a lookup list asks for a key outside its last six pairs (an L1 list has at
 most six, and its question is on one of them). Recipe.pretrain_drills adds them to a speedrun;
-experiments/induction/ measures what they do (so far: not enough to rely on). experiments/induction/ shows why they matter with Muon.
+experiments/induction/ measures what they do (so far: not enough to rely on).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import string
 
 from xinzhou.tasks.common import WORDS
 
-KINDS = ("repeat", "lookup")
-
-
 def drill_text(seed: int, n: int) -> list[str]:
     """`n` drill documents, the kinds in turn (deterministic in seed)."""
     rng = random.Random(f"drills/{seed}")
-    return [_DRILLS[KINDS[i % len(KINDS)]](rng) for i in range(n)]
+    return [_DRILLS[i % len(_DRILLS)](rng) for i in range(n)]
 
 
 def _repeat(rng: random.Random) -> str:
@@ -44,4 +41,4 @@ def _lookup(rng: random.Random) -> str:
     return pairs + "".join(f"\n{k}? {values[k]}" for k in questions)
 
 
-_DRILLS = {"repeat": _repeat, "lookup": _lookup}
+_DRILLS = (_repeat, _lookup)
