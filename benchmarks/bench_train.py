@@ -31,6 +31,7 @@ from torch import nn
 from xinzhou.config import preset
 from xinzhou.model import XinzhouLM
 from xinzhou.optim import make_optimizer
+from xinzhou.train import keep_freed_memory
 
 SHAPES = {
     # the speedrun's model (cli.RECIPES["tiny"]) at its SFT batch
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     args = parser.parse_args()
     shapes = SMOKE if args.smoke else SHAPES
+    keep_freed_memory(torch.device("cpu"))  # as xinzhou.train does; process-wide, so both models get it
     reps = args.reps or (1 if args.smoke else 7)
     rows = []
     for name, (overrides, B, T) in shapes.items():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from xinzhou.ops import lightning_ref
 from xinzhou.ops.lightning import lightning_attention, lightning_decode
 from xinzhou.ops.lightning_ref import lightning_blockwise, lightning_naive, lightning_recurrent, lightning_step
 
@@ -34,9 +35,18 @@ def test_decay_definition_by_hand():
         assert S.item() == pytest.approx(lam**2 * 0.25 + lam * 5 * 11 + 7 * 13, rel=1e-6)
 
 
+@pytest.fixture(params=["one span", 700, 3000])
+def span_budget(request, monkeypatch):
+    """The block form batches as many blocks as fit a budget and carries the state between spans:
+    both regimes must give the definition's result."""
+    if request.param != "one span":  # 700: one block per span; 3000: spans of several blocks here
+        monkeypatch.setattr(lightning_ref, "SPAN_ELEMENTS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("T", [1, 63, 100, 257])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_forms_agree_forward(T, with_state):
+def test_forms_agree_forward(T, with_state, span_budget):
     q, k, v, slopes, s0 = inputs(2, T, 3, 8, seed=T, with_state=with_state)
     o_n, s_n = lightning_naive(q, k, v, slopes, s0)
     for block in (1, 16, 64, 256):  # block sizes that do and do not divide T
@@ -47,7 +57,7 @@ def test_forms_agree_forward(T, with_state):
 
 
 @pytest.mark.parametrize("T", [1, 63, 100, 257])
-def test_forms_agree_gradients(T):
+def test_forms_agree_gradients(T, span_budget):
     q, k, v, slopes, s0 = inputs(1, T, 2, 8, seed=100 + T, with_state=True)
     g = torch.Generator().manual_seed(7)
     do = torch.randn(1, T, 2, 8, generator=g)
@@ -128,7 +138,7 @@ def test_varlen_groups_equal_lengths_exactly(with_state):
 
 
 @pytest.mark.parametrize("block_size", [4, 7, 64])
-def test_segmented_rows_equal_each_document_alone(block_size):
+def test_segmented_rows_equal_each_document_alone(block_size, span_budget):
     # documents that start mid-block, end on a block edge, span blocks, and a 1-token one
     lens = [[5, 3, 1, 14, 10], [33], [8, 8, 17]]
     H, D = 2, 8

@@ -58,7 +58,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rot, rest = x[..., :r], x[..., r:]
     x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
     rotated = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
-    return torch.cat([rotated, rest], dim=-1)
+    return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
 
 
 def lightning_slopes(num_heads: int, layer: int, num_layers: int) -> list[float]:

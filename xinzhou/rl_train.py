@@ -43,9 +43,9 @@ from xinzhou.errors import CheckpointError, DataError, cli_errors
 from xinzhou.evals import evaluate_level, local_client
 from xinzhou.optim import make_optimizer
 from xinzhou.tokenizer import Tokenizer
-from xinzhou.train import (build_model, check_run_dir, cosine_lr, load_trainer_state, log_metrics,
-                           prepare_out_dir, restore, run_info, save_checkpoint, setup_distributed, start_metrics,
-                           _read_metrics)
+from xinzhou.train import (build_model, check_run_dir, cosine_lr, keep_freed_memory, load_trainer_state,
+                           log_metrics, prepare_out_dir, restore, run_info, save_checkpoint, setup_distributed,
+                           start_metrics, _read_metrics)
 
 LOSSES = ("cispo", "dapo", "grpo")
 
@@ -212,6 +212,7 @@ def rl_train(cfg: RLConfig) -> Path:
     if not tok_file.is_file():
         raise DataError(f"{tok_file}: no tokenizer.json there (RL needs the checkpoint's tokenizer)")
     rank, world, device = setup_distributed()
+    keep_freed_memory(device)
     if world > 1:
         raise ValueError("rl_train runs on one process (its rollouts are not sharded); run it without torchrun")
     ckpt = prepare_out_dir(out, rank)

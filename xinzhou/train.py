@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -262,6 +263,23 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, torch.device("cpu")
 
 
+def keep_freed_memory(device: torch.device) -> None:
+    """On a CPU with glibc, keep freed memory in the process for the next step. By default glibc maps
+    each large block (a training step's activations and gradients, 1-16 MiB at the speedrun's shape)
+    fresh from the OS and hands it back when freed, so every step page-faults its memory in again:
+    about 7% of a tiny-model step (benchmarks/RESULTS.md). A fixed, high mmap threshold and trim
+    threshold keep it on the heap; a training process's peak memory is what it uses anyway."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 RUN_FILES = ("run.json", "metrics.jsonl", "loss.png", "ckpt")  # what train() writes into out_dir
 
 
@@ -292,6 +310,7 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig,
         raise ValueError("train() needs a model config (e.g. --preset tiny) or an init_from checkpoint")
     PackedLoader(cfg.data, cfg.seq_len, cfg.batch_size, 0, 1, cfg.seed)  # bad data fails before anything is written
     rank, world, device = setup_distributed()
+    keep_freed_memory(device)
     ckpt = prepare_out_dir(out, rank)
     torch.manual_seed(cfg.seed)
 

@@ -69,12 +69,77 @@ def _block_masks(slopes: torch.Tensor, m: int, device: torch.device) -> tuple[to
     return mask, _decay_powers(slopes, a + 1), _decay_powers(slopes, m - 1 - a), torch.exp(-slopes.float() * m)
 
 
-def _blocks(T: int, block_size: int, slopes: torch.Tensor, device: torch.device):  # noqa: ANN202 - a generator
-    """(start, m, masks) for each block; the full-size blocks share one set of masks."""
-    full = _block_masks(slopes, min(block_size, T), device) if T else None
-    for start in range(0, T, block_size):
-        m = min(block_size, T - start)
-        yield start, m, (full if m == full[0].shape[-1] else _block_masks(slopes, m, device))
+SPAN_ELEMENTS = 1 << 22  # a span of blocks is computed at once while its largest tensors stay below this
+
+
+def _span(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, slopes: torch.Tensor, m: int,
+          state: torch.Tensor, g: torch.Tensor | None, prev: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n consecutive blocks of m tokens at once (qf, kf, vf [B, H, n*m, D] fp32; state [B, H, D, Dv]
+    carried in; g [B, n*m] segment ids or None for one document; prev [B] the segment of the token
+    before the span). Every block's own terms are batched matmuls; the state a block reads is a
+    weighted sum of the blocks before it, not a loop:
+        S_in_j = sum_{c <= j} w_jc KV_c,  w_jc = lambda^(m (j - c)) [no document starts in blocks c..j-1],
+    over the carried state (c = 0) and each block's own KV_c = (K lambda^(m-1-b))^T V (c = block + 1,
+    only tokens of its last document); row j = n is the state after the span.
+    Returns (o [B, H, n*m, Dv], state after the span)."""
+    B, H, L, D = qf.shape
+    n, Dv = L // m, vf.shape[-1]
+    Q, K, V = (x.reshape(B, H, n, m, -1) for x in (qf, kf, vf))  # [B, H, n, m, D]
+    mask, read, write, _ = _block_masks(slopes, m, qf.device)
+    intra_mask = mask[None, :, None]  # [1, H, 1, m, m]
+    c = torch.arange(n + 1, device=qf.device)
+    gap = c[:, None] - c[None, :]  # j - c: [n + 1, n + 1]
+    w = torch.exp(-slopes.float()[:, None, None] * (m * gap.clamp(min=0))) * (gap >= 0)  # [H, n + 1, n + 1]
+    carried = tail = None
+    if g is not None:  # which tokens of a block see the carried state, which reach the next block
+        g = g.view(B, n, m)
+        same = (g[..., :, None] == g[..., None, :])[:, None]  # [B, 1, n, m, m]
+        intra_mask = intra_mask * same
+        before = torch.cat([prev[:, None], g[:, :-1, -1]], 1)  # [B, n]: the segment before each block
+        last = g[:, :, -1]
+        carried = (g == before[..., None])[:, None, :, :, None]  # [B, 1, n, m, 1]
+        tail = (g == last[..., None])[:, None, :, :, None]
+        starts = torch.cat([torch.zeros_like(last[:, :1]), torch.cumsum(last != before, 1)], 1)  # [B, n + 1]
+        w = w * (starts[:, :, None] == starts[:, None, :])[:, None]  # [B, H, n + 1, n + 1]
+    intra = ((Q @ K.transpose(-1, -2)) * intra_mask) @ V  # [B, H, n, m, Dv]
+    Kw = K * write[None, :, None, :, None]
+    kv = (Kw if tail is None else Kw * tail).transpose(-1, -2) @ V  # [B, H, n, D, Dv]
+    kv = torch.cat([state[:, :, None], kv], dim=2).reshape(B, H, n + 1, D * Dv)
+    states = (w @ kv).view(B, H, n + 1, D, Dv)  # what each block reads; the last row: after the span
+    inter = (Q * read[None, :, None, :, None]) @ states[:, :, :n]
+    if carried is not None:
+        inter = inter * carried
+    return (intra + inter).reshape(B, H, L, Dv), states[:, :, n]
+
+
+def _block_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                initial_state: torch.Tensor | None, block_size: int,
+                segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block form over the whole sequence: spans of as many full blocks as fit SPAN_ELEMENTS
+    (one span for training windows; one block at a time for a long prefill), then the last,
+    shorter block on its own."""
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    state = (initial_state.float() if initial_state is not None
+             else torch.zeros(B, H, D, Dv, device=q.device, dtype=torch.float32))
+    m = min(block_size, T) if T else 1
+    per_block = B * H * max(m * m, D * Dv)
+    span = m * max(1, SPAN_ELEMENTS // per_block)
+    prev = None if segment_ids is None else torch.full((B,), -1, dtype=segment_ids.dtype, device=q.device)
+    outs, start = [], 0
+    while start < T:
+        length = min(span, (T - start) // m * m) or T - start  # full blocks, or the short last one
+        mm = min(m, length)
+        g = None if segment_ids is None else segment_ids[:, start:start + length]
+        o, state = _span(*(x[:, :, start:start + length] for x in (qf, kf, vf)), slopes, mm, state, g, prev)
+        outs.append(o)
+        if g is not None:
+            prev = g[:, -1]
+        start += length
+    o = torch.cat(outs, dim=2) if len(outs) > 1 else (outs[0] if outs else qf.new_zeros(B, H, 0, Dv))
+    return o.transpose(1, 2).to(q.dtype), state
 
 
 def lightning_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
@@ -82,23 +147,10 @@ def lightning_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                         block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Block form. Within a block of m tokens (local indices a, b):
     O = (Q * lambda^(a+1)) S_prev + ((Q K^T) * M) V,  M_ab = lambda^(a-b) for a >= b,
-    S_new = lambda^m S_prev + (K * lambda^(m-1-b))^T V.
-    """
+    S_new = lambda^m S_prev + (K * lambda^(m-1-b))^T V
+    (blocks of a span computed together, see `_span`)."""
     _check(q, k, v, slopes, initial_state)
-    B, T, H, D = q.shape
-    Dv = v.shape[-1]
-    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    state = (initial_state.float() if initial_state is not None
-             else torch.zeros(B, H, D, Dv, device=q.device, dtype=torch.float32))
-    outs = []
-    for start, m, (mask, read, write, block_decay) in _blocks(T, block_size, slopes, q.device):
-        qb, kb, vb = (x[:, :, start:start + m] for x in (qf, kf, vf))  # [B, H, m, D]
-        intra = ((qb @ kb.transpose(-1, -2)) * mask) @ vb
-        inter = (qb * read[None, :, :, None]) @ state
-        outs.append(intra + inter)
-        state = block_decay[None, :, None, None] * state + (kb * write[None, :, :, None]).transpose(-1, -2) @ vb
-    o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, Dv)
-    return o.transpose(1, 2).to(q.dtype), state
+    return _block_form(q, k, v, slopes, initial_state, block_size, None)
 
 
 def lightning_segmented(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
@@ -114,25 +166,7 @@ def lightning_segmented(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     B, T, H, D = q.shape
     if segment_ids.shape != (B, T):
         raise ValueError(f"segment_ids must be [B, T] = {[B, T]}: got {list(segment_ids.shape)}")
-    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    state = torch.zeros(B, H, D, v.shape[-1], device=q.device, dtype=torch.float32)
-    prev = torch.full((B, 1), -1, dtype=segment_ids.dtype, device=q.device)  # no document before the row
-    outs = []
-    for start, m, (mask, read, write, block_decay) in _blocks(T, block_size, slopes, q.device):
-        qb, kb, vb = (x[:, :, start:start + m] for x in (qf, kf, vf))  # [B, H, m, D]
-        g = segment_ids[:, start:start + m]  # [B, m]
-        same = (g[:, :, None] == g[:, None, :]).float()[:, None]  # [B, 1, m, m]
-        carried = (g == prev).float()[:, None, :, None]  # [B, 1, m, 1]: token a continues the carried document
-        intra = ((qb @ kb.transpose(-1, -2)) * (mask * same)) @ vb
-        outs.append(intra + carried * ((qb * read[None, :, :, None]) @ state))
-        last = g[:, -1:]  # [B, 1]
-        keep = (last == prev).float()[:, :, None, None]  # [B, 1, 1, 1]
-        tail = (g == last).float()[:, None, :, None]  # [B, 1, m, 1]: the last document's tokens in the block
-        state = (keep * block_decay[None, :, None, None]) * state + \
-            (kb * write[None, :, :, None] * tail).transpose(-1, -2) @ vb
-        prev = last
-    o = torch.cat(outs, dim=2) if outs else qf.new_zeros(B, H, 0, v.shape[-1])
-    return o.transpose(1, 2).to(q.dtype)
+    return _block_form(q, k, v, slopes, None, block_size, segment_ids)[0]
 
 
 def lightning_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,

@@ -64,10 +64,51 @@ def swiglu(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """[M, 2F] (gate columns, then up columns) -> silu(gate) * up [M, F]. backend "auto": one fused
     Triton pass each way for CUDA tensors (see ops/__init__.py), else PyTorch; "triton"; "reference"."""
     module = pick_triton(gate_up, backend, "swiglu_triton")
-    if module is None:
+    if module is not None:
+        return module.swiglu_triton(gate_up)
+    if gate_up.requires_grad and not torch.compiler.is_compiling():
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Eager SwiGLU whose backward writes d(gate) and d(up) straight into one [M, 2F] gradient
+    (autograd's chunk would concatenate them: one more pass over the largest tensor of the MoE)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - torch's signature
         gate, up = gate_up.chunk(2, dim=-1)
-        return (F.silu(gate) * up).contiguous()  # grouped_mm takes contiguous rows
-    return module.swiglu_triton(gate_up)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        dgu = torch.empty_like(gate_up)
+        d_gate, d_up = dgu.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward(dy * up, gate, grad_input=d_gate)
+        torch.mul(dy, act, out=d_up)
+        return dgu
+
+
+class _GatherSlots(torch.autograd.Function):
+    """x [N, C] -> the rows of the N*K routing slots in expert order, x[order // K]. Its backward is
+    a permutation and a sum over each token's K slots (autograd's would accumulate an index_put)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, dxs: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (order,) = ctx.saved_tensors
+        unsorted = torch.empty_like(dxs).index_copy_(0, order, dxs)
+        return unsorted.view(-1, ctx.k, dxs.shape[-1]).sum(1), None, None
 
 
 def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -115,11 +156,10 @@ def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
         x, w13, w2 = x.to(dt), w13.to(dt), w2.to(dt)
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots sorted by expert
-    token = order // K
     counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))  # no host sync, unlike bincount
     offsets = counts.cumsum(0).to(torch.int32)
-    xs = x[token]  # [N*K, C]
+    xs = _GatherSlots.apply(x, order, K) if x.requires_grad else x[order // K]  # [N*K, C]
     h = swiglu(_segment_mm(xs, w13.transpose(1, 2), offsets))  # [N*K, 2F] -> [N*K, F]
     y = _segment_mm(h, w2.transpose(1, 2), offsets)  # [N*K, C]
     y = y * weights.reshape(-1)[order, None].to(x.dtype)
