@@ -129,3 +129,7 @@ def test_wilson_interval_values():
     assert (round(lo, 4), round(hi, 4)) == (0.8256, 0.9448)
     lo, hi = evals.wilson(200, 200)
     assert hi == 1.0 and 0.98 < lo < 0.985
+    # the bounds at 0% and 100% are exact for every n (a float miss of 1e-16 broke the level chart's
+    # error bars at n = 100: 100% with an upper bound below it)
+    for n in range(1, 300):
+        assert evals.wilson(n, n)[1] == 1.0 and evals.wilson(0, n)[0] == 0.0
