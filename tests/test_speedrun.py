@@ -55,14 +55,15 @@ def test_data_command_builds_shards_from_user_files(tmp_path):
 
 
 def test_speedrun_recipe_options_reach_both_stages(tmp_path):
-    # Muon in both stages, a gentler Muon rate for SFT, copying drills in pretraining only
+    # Muon in both stages, a gentler Muon rate for SFT, copying drills in both mixes
     r = RECIPES["tiny"].__class__(**{
         **RECIPES["tiny"].__dict__, "pretrain_docs": 120, "pretrain_drills": 40, "pretrain_steps": 2, "sft_steps": 2,
         "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004,
-        "sft_mix": dict(arithmetic=200, recall=20)})
+        "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30})
     out = speedrun(r, str(tmp_path / "run"))
     pre = json.loads((out / "pretrain" / "run.json").read_text())["train"]
     sft = json.loads((out / "sft" / "run.json").read_text())["train"]
     assert (pre["optimizer"], pre["muon_lr"]) == ("muon", 0.03) and (sft["optimizer"], sft["muon_lr"]) == ("muon", 0.004)
     assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 160
+    assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 250
     assert "muon" in (out / "report.md").read_text()

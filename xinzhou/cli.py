@@ -68,6 +68,7 @@ class Recipe:
     curve_n: int = 50
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
     pretrain_drills: int = 0  # copying drills added to the pretraining documents (tasks.drill_text)
+    sft_drills: int = 0  # copying drills kept in the SFT mix (plain text, all learned), so SFT keeps the circuit
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what
@@ -126,10 +127,12 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
             # every turn keeps the thinking it was generated with, and is trained
             sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools,
                             keep_all_thinking=True))
+    sft += tasks.drill_text(seed + 1, r.sft_drills)  # other drills than pretraining's
     random.Random(seed).shuffle(sft)
 
     _log(f"2/5 tokenizer: byte-level BPE, vocab {r.vocab_size}")
-    chat_texts = [render_text(c["messages"], c["tools"], keep_all_thinking=True) for c in sft[:3000]]
+    chat_texts = [render_text(c["messages"], c["tools"], keep_all_thinking=True) for c in sft[:3000]
+                  if isinstance(c, dict)]  # (not the drills: plain text)
     tok = train_tokenizer(pretrain_texts + chat_texts, r.vocab_size)
     tok_path = tok.save(out_dir / "tokenizer")
     tok = Tokenizer.load(tok_path)

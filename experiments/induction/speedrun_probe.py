@@ -44,14 +44,20 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--sft-lr", type=float, default=RECIPES["tiny"].sft_lr, help="AdamW rate of SFT")
     ap.add_argument("--sft-muon-lr", type=float, default=None, help="Muon rate of SFT (default: the recipe's)")
+    ap.add_argument("--sft-mix", default="recall=8000,retrieval=2000",
+                    help="family=samples,... ('full': the tiny recipe's five-level mix)")
+    ap.add_argument("--sft-drills", type=int, default=0, help="copying drills kept in the SFT mix")
+    ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    mix = (RECIPES["tiny"].sft_mix if args.sft_mix == "full"
+           else {k: int(v) for k, v in (part.split("=") for part in args.sft_mix.split(","))})
     r = dataclasses.replace(RECIPES["tiny"], optimizer=args.optimizer, pretrain_drills=args.drills,
                             pretrain_docs=args.pretrain_docs,
-                            pretrain_steps=args.pretrain_steps, sft_mix=dict(recall=8000, retrieval=2000),
+                            pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
-                            curve_points=0, eval_n=50)
+                            curve_points=0, eval_n=args.eval_n)
     out = args.out or f"runs/induction-probe/{args.optimizer}-docs{args.pretrain_docs}-drills{args.drills}-seed{args.seed}"
     speedrun(r, out, seed=args.seed, name="L1/L5 probe")
     tok = Tokenizer.load(Path(out) / "tokenizer" / "tokenizer.json")
