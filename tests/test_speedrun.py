@@ -12,7 +12,8 @@ from xinzhou.tokenizer import Tokenizer
 
 def test_speedrun_pipeline_end_to_end(tmp_path):
     small = RECIPES["tiny"].__class__(**{
-        **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_steps": 3, "sft_steps": 4, "eval_n": 6,
+        **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_drills": 200, "sft_drills": 50,
+        "pretrain_steps": 3, "sft_steps": 4, "eval_n": 6,
         "curve_points": 1, "curve_n": 3,
         "sft_mix": dict(arithmetic=200, tools=60, recall=20, countdown=20, retrieval=5)})
     out = speedrun(small, str(tmp_path / "run"))

@@ -160,6 +160,7 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
 
     r = RECIPES["tiny"]
     train_text = set(tasks.pretrain_text(0, r.pretrain_docs, max(r.pretrain_drills, 300)))
+    train_text |= set(tasks.drill_text(1, max(r.sft_drills, 300)))  # the SFT mix's drills (speedrun: seed + 1)
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)

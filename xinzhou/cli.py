@@ -78,13 +78,15 @@ class Recipe:
 RECIPES = {
     # ~10 minutes on 2 CPU cores. Full rotary (rotary_dim = head_dim) so that transformers' MiniMax,
     # which rotates the whole head, computes the same logits from the checkpoint.
+    # Muon forms copying from the drills in pretraining; SFT keeps it with drills in its mix and rates a
+    # third (AdamW) and a quarter (Muon) of pretraining's (experiments/induction/README.md).
     "tiny": Recipe(model=dict(name="tiny", hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
                               layer_types=("lightning", "softmax", "lightning", "softmax")),
-                   vocab_size=1024, pretrain_docs=6000,
-                   sft_mix=dict(arithmetic=16000, tools=12000, recall=1000, countdown=1000, retrieval=100),
-                   tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
-                   pretrain_steps=100, sft_steps=1100, pretrain_lr=3e-3, sft_lr=3e-3, eval_n=200,
-                   curve_points=3),
+                   vocab_size=1024, pretrain_docs=6000, pretrain_drills=12000,
+                   sft_mix=dict(arithmetic=12000, tools=9000, recall=8000, countdown=1000, retrieval=2000),
+                   sft_drills=4000, tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
+                   pretrain_steps=300, sft_steps=1100, pretrain_lr=3e-3, sft_lr=1e-3, eval_n=200,
+                   curve_points=3, optimizer="muon", muon_lr=0.02, sft_muon_lr=0.005),
     # the 306.8M benchmark shape; for a GPU
     "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000,
                     sft_mix=dict(arithmetic=100000, tools=30000, recall=20000, countdown=20000, retrieval=5000),
@@ -104,8 +106,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     recipe_name = recipe if isinstance(recipe, str) else (name or "custom")
     if not r.doc_mask:
         recipe_name += ", no document masking"
-    if r.optimizer != "adamw":
-        recipe_name += f", {r.optimizer}"
+    recipe_name += f", {r.optimizer}"
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
