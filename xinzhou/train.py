@@ -265,7 +265,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def keep_freed_memory(device: torch.device) -> None:
     """On a CPU with glibc, keep freed memory in the process for the next step. By default glibc maps
-    each large block (a training step's activations and gradients, 1-16 MiB at the speedrun's shape)
+    each large block (a training step's activations and gradients, 1-67 MiB at the benchmark shapes)
     fresh from the OS and hands it back when freed, so every step page-faults its memory in again:
     about 7% of a tiny-model step (benchmarks/RESULTS.md). A fixed, high mmap threshold and trim
     threshold keep it on the heap; a training process's peak memory is what it uses anyway."""

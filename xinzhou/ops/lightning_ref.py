@@ -61,12 +61,12 @@ def lightning_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
 
 def _block_masks(slopes: torch.Tensor, m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """For a block of m tokens (local index a): the intra-block decay mask M_ab = lambda^(a-b) for
-    a >= b [H, m, m], lambda^(a+1) [H, m] (reading the carried state), lambda^(m-1-a) [H, m] (writing
-    it) and lambda^m [H] (decaying it): built once per call, not once per block."""
+    a >= b [H, m, m], lambda^(a+1) [H, m] (reading the carried state) and lambda^(m-1-a) [H, m]
+    (writing it); the decay from block to block is in `_span`'s weights."""
     a = torch.arange(m, device=device)
     diff = (a[:, None] - a[None, :]).float()
     mask = torch.exp(-slopes.float()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
-    return mask, _decay_powers(slopes, a + 1), _decay_powers(slopes, m - 1 - a), torch.exp(-slopes.float() * m)
+    return mask, _decay_powers(slopes, a + 1), _decay_powers(slopes, m - 1 - a)
 
 
 SPAN_ELEMENTS = 1 << 22  # a span of blocks is computed at once while its largest tensors stay below this
@@ -86,7 +86,7 @@ def _span(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, slopes: torch.Te
     B, H, L, D = qf.shape
     n, Dv = L // m, vf.shape[-1]
     Q, K, V = (x.reshape(B, H, n, m, -1) for x in (qf, kf, vf))  # [B, H, n, m, D]
-    mask, read, write, _ = _block_masks(slopes, m, qf.device)
+    mask, read, write = _block_masks(slopes, m, qf.device)
     intra_mask = mask[None, :, None]  # [1, H, 1, m, m]
     c = torch.arange(n + 1, device=qf.device)
     gap = c[:, None] - c[None, :]  # j - c: [n + 1, n + 1]

@@ -66,7 +66,7 @@ def swiglu(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     module = pick_triton(gate_up, backend, "swiglu_triton")
     if module is not None:
         return module.swiglu_triton(gate_up)
-    if gate_up.requires_grad and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():  # under compile, the compiler fuses the plain formula
         return _SwiGLU.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -159,7 +159,7 @@ def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))  # no host sync, unlike bincount
     offsets = counts.cumsum(0).to(torch.int32)
-    xs = _GatherSlots.apply(x, order, K) if x.requires_grad else x[order // K]  # [N*K, C]
+    xs = _GatherSlots.apply(x, order, K)  # [N*K, C]
     h = swiglu(_segment_mm(xs, w13.transpose(1, 2), offsets))  # [N*K, 2F] -> [N*K, F]
     y = _segment_mm(h, w2.transpose(1, 2), offsets)  # [N*K, C]
     y = y * weights.reshape(-1)[order, None].to(x.dtype)

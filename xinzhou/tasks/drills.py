@@ -8,8 +8,8 @@ skill at every line, and pretraining trains every token. Two kinds, in the shape
 
 No drill contains a problem of the levels, by construction: no line says "Repeat:", and the
 question that follows a lookup list asks for a key outside its last six pairs (an L1 list has at
-most six, and its question is on one of them). Recipe.pretrain_drills adds them to a speedrun;
-experiments/induction/ measures what they do (so far: not enough to rely on).
+most six, and its question is on one of them). Recipe.pretrain_drills and Recipe.sft_drills add
+them to a speedrun's pretraining and SFT; experiments/induction/ measures what they do.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import random
 import string
 
 from xinzhou.tasks.common import WORDS
+
 
 def drill_text(seed: int, n: int) -> list[str]:
     """`n` drill documents, the kinds in turn (deterministic in seed)."""
