@@ -115,18 +115,50 @@ def test_retrieval_fact_appears_once() -> None:
 
 # --- L3: countdown -------------------------------------------------------------------------------
 
+def test_countdown_search_by_hand() -> None:
+    assert countdown.search([3, 5, 4], 32) == (["3+5=8 8+4=12:32 8*4=32:32 yes"], "(3+5)*4")
+    assert countdown.search([3, 5, 4], 11) == (
+        ["3+5=8 8+4=12:11 8*4=32:11 8-4=4:11", "3*5=15 15+4=19:11 15*4=60:11 15-4=11:11 yes"], "(3*5)-4")
+    # the smaller from the larger: 9-5, and the answer keeps that order
+    assert countdown.search([2, 3, 9], 4) == (["2+3=5 5+9=14:4 5*9=45:4 9-5=4:4 yes"], "9-(2+3)")
+    # the second pair (n0, n2) after all three first steps of the first pair
+    lines, answer = countdown.search([2, 3, 10], 17)
+    assert len(lines) == 5 and answer == "(2*10)-3"
+    assert lines[3] == "2+10=12 12+3=15:17 12*3=36:17 12-3=9:17"
+    assert lines[4] == "2*10=20 20+3=23:17 20*3=60:17 20-3=17:17 yes"
+    # 3*10 = 30 uses two of the numbers only: a first step is never a hit, and 30 is not reachable
+    with pytest.raises(ValueError, match="not reachable"):
+        countdown.search([2, 3, 10], 30)
+
+
 def test_countdown_samples_and_search() -> None:
     samples = generate("countdown", "train", 500, seed=0)
-    assert {s.meta["attempts"] for s in samples} == {0, 1, 2}
+    assert max(s.meta["attempts"] for s in samples) >= 4  # searches that go past their first lines
+    pairs = lambda n: [(n[0], n[1], n[2]), (n[0], n[2], n[1]), (n[1], n[2], n[0])]
     for s in samples:
         nums, target = s.meta["numbers"], s.meta["target"]
         assert len(nums) == 3 and 1 <= target <= 99
         assert user_text(s) == f"Make {target} from {' '.join(map(str, nums))}"
+        assert verify(s, answer_only(s.answer)) and countdown.evaluate(s.answer)[0] == target
         lines = s.target[-1]["reasoning_content"].splitlines()
-        assert lines[-1] == f"{s.answer}={target} yes" and all(l.endswith(" no") for l in lines[:-1])
-        for line in lines[:-1]:  # each rejected attempt is shown with its true value
-            expr, value = line.removesuffix(" no").rsplit("=", 1)
-            assert countdown.evaluate(expr)[0] == int(value) != target
+        assert len(lines) == s.meta["attempts"] + 1
+        assert lines[-1].endswith(" yes") and not any("yes" in l for l in lines[:-1])
+        for i, line in enumerate(lines):  # line i: pair i // 3 with op "+*-"[i % 3], then the rest by + * -
+            a, b, c = pairs(nums)[i // 3]
+            steps = line.removesuffix(" yes").split(" ")
+            values = []
+            for j, step in enumerate(steps):
+                expr, value = step.split("=")
+                if j:  # every result after the first step is shown beside the target
+                    value, shown = value.split(":")
+                    assert int(shown) == target
+                x, op, y = re.fullmatch(r"(\d+)([-+*])(\d+)", expr).groups()
+                assert countdown.evaluate(expr)[0] == int(value) >= 0  # every step exact, never negative
+                assert op == "+*-"[i % 3 if j == 0 else j - 1]
+                assert sorted([int(x), int(y)]) == sorted([a, b] if j == 0 else [values[0], c])
+                values.append(int(value))
+            assert (values[-1] == target) == (i == len(lines) - 1)  # the search stops at its first hit
+            assert target not in values[1:-1] and (i == len(lines) - 1 or len(values) == 4)
 
 
 def test_countdown_verifier() -> None:
@@ -168,7 +200,11 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
         assert {s.meta["key"] for s in train}.isdisjoint(s.meta["key"] for s in held_out), family
         prompts = {user_text(s) for s in held_out}
         assert prompts.isdisjoint(user_text(s) for s in train), family
-        assert not any(p in doc for p in prompts for doc in train_text if family != "retrieval"), family
+        # a held-out problem as a whole: "Make 17 from 9 2 1" is not in "Make 17 from 9 2 10"
+        bounded = [re.compile(("(?<!\\d)" if p[0].isdigit() else "") + re.escape(p) + ("(?!\\d)" if p[-1].isdigit() else ""))
+                   for p in prompts]
+        assert not any(b.search(doc) for b in bounded for doc in train_text if family != "retrieval"), family
+        assert bounded[0].search("x" + next(iter(prompts)) + "\n")  # (the pattern finds a problem that is there)
 
 
 def test_evaluate_values_and_errors() -> None:

@@ -64,7 +64,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
-EVAL_MAX_TOKENS = 96  # new tokens per assistant turn, for every level and client
+EVAL_MAX_TOKENS = 512  # new tokens per assistant turn, for every level and client (L3's longest search: ~440)
 
 
 def parsed(turn: Turn) -> ParsedMessage:

@@ -40,7 +40,7 @@ from xinzhou.chat_format import parse_ids, render
 from xinzhou.engine import Engine, Finished, SamplingParams, Token
 from xinzhou.engine.logprobs import logprobs_of
 from xinzhou.errors import CheckpointError, DataError, cli_errors
-from xinzhou.evals import evaluate_level, local_client
+from xinzhou.evals import EVAL_MAX_TOKENS, evaluate_level, local_client
 from xinzhou.optim import make_optimizer
 from xinzhou.tokenizer import Tokenizer
 from xinzhou.train import (build_model, check_run_dir, cosine_lr, keep_freed_memory, load_trainer_state,
@@ -71,7 +71,7 @@ class RLConfig:
     eps_low: float | None = None  # clip offsets (see xinzhou.rl); None: the loss's own default
     eps_high: float | None = None
     temperature: float = 1.0
-    max_new_tokens: int = 96
+    max_new_tokens: int = EVAL_MAX_TOKENS  # as the levels are scored: room for L3's whole search
     repetition_stop: int = 48  # consecutive tokens at p > 0.99 that end a rollout
     dynamic_sampling: bool = True
     lm_head_fp32: bool = True

@@ -55,7 +55,7 @@ _EXACT = "an exact-answer task a model either has or has not learned: 90% leaves
 LEVELS: dict[int, Level] = {
     1: Level(1, "recall", "copy a word sequence; read a value out of a key=value list", {}, "verify", 0.9, _EXACT),
     2: Level(2, "arithmetic", "exact two-digit addition", {"digits": 2, "ops": ("+",)}, "verify", 0.9, _EXACT),
-    3: Level(3, "countdown", "search with retries: reach a target from 3 numbers with + - *", {"count": 3},
+    3: Level(3, "countdown", "search with retries: reach a target from 3 numbers with + - *", {},
              "verify", 0.5, "a search in one greedy pass with at most a few retries: half the problems shows "
              "the search works, where a guess scores near 0"),
     4: Level(4, "tools", "M2 tool calls with interleaved thinking: the right tool with the right arguments, "

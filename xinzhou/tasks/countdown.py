@@ -1,10 +1,19 @@
 """L3 countdown: combine the given numbers, each exactly once, with + - * to reach the target.
 
-    Make 32 from 3 5 4   -> thinking "(5-3)*4=8 no\n(3+5)*4=32 yes", content "(3+5)*4"
+    Make 32 from 3 5 4   -> thinking "3+5=8 8+4=12:32 8*4=32:32 yes", content "(3+5)*4"
+    Make 11 from 3 5 4   -> thinking "3+5=8 8+4=12:11 8*4=32:11 8-4=4:11\n3*5=15 15+4=19:11 15*4=60:11 15-4=11:11 yes",
+                            content "(3*5)-4"
 
-The thinking is a search: zero to two wrong attempts (each checked and rejected), then the
-solution. Gold expressions are left-nested, "(a o b) o c", but `verify` accepts any expression
-that `evaluate` parses, e.g. "4*(5+3)" or "(3+5)*4=32". Expressions are parsed by a small
+The thinking is a search a model can carry out, not a guess: `search` tries the candidates in a
+fixed order, one line per first step (a pair of the numbers and an operation), each line
+computing that step and then each way of combining its result with the third number, one
+operation at a time, until a result equals the target. Each result is followed by ":" and the
+target, so the check is a comparison of two numbers side by side rather than a look back at the
+prompt (a first version without it computed the hits right and still passed them by); the hit
+ends in " yes", and the answer is the hit written as one expression. Subtraction always takes the
+smaller from the larger (a negative or zero value never reaches a target of 1 or more), so every
+step is a small exact computation like L2's. `verify` accepts any expression that
+`evaluate` parses, e.g. "4*(5+3)" or "(3+5)*4=32". Expressions are parsed by a small
 recursive-descent parser, never `eval`.
 """
 
@@ -90,37 +99,28 @@ def evaluate(expr: str) -> tuple[int, list[int]]:
     return value, used
 
 
-def generate(
-    split: str, n: int, seed: int, *, count: int = 3, max_number: int = 15, max_target: int = 99
-) -> list[Sample]:
-    """`n` problems of `count` numbers in 1..max_number with a reachable target in 1..max_target."""
-    if count < 2 or max_number < 1 or max_target < 1:
-        raise ValueError(f"countdown: need count >= 2, max_number >= 1, max_target >= 1; got {count}, {max_number}, {max_target}")
+def generate(split: str, n: int, seed: int, *, max_number: int = 15, max_target: int = 99) -> list[Sample]:
+    """`n` problems of 3 numbers in 1..max_number with a reachable target in 1..max_target."""
+    if max_number < 1 or max_target < 1:
+        raise ValueError(f"countdown: need max_number >= 1, max_target >= 1; got {max_number}, {max_target}")
 
     def propose(rng: random.Random) -> tuple[str, tuple[list[int], str, int]]:
         while True:
-            nums = [rng.randint(1, max_number) for _ in range(count)]
+            nums = [rng.randint(1, max_number) for _ in range(3)]
             expr, value = _random_expr(nums, rng)
             if 1 <= value <= max_target:
                 return f"{sorted(nums)}->{value}", (nums, expr, value)
 
     def build(p: tuple[list[int], str, int], rng: random.Random) -> Sample:
-        nums, gold, target = p
-        attempts: list[str] = []
-        for _ in range(rng.choice([0, 1, 1, 2])):  # a wrong first attempt, then a retry
-            for _ in range(20):
-                expr, value = _random_expr(nums, rng)
-                if value != target and expr not in attempts:
-                    attempts.append(expr)
-                    break
-        lines = [f"{e}={evaluate(e)[0]} no" for e in attempts] + [f"{gold}={target} yes"]
+        nums, _, target = p
+        lines, answer = search(nums, target)
         return Sample(
             messages=[{"role": "user", "content": f"Make {target} from {' '.join(map(str, nums))}"}],
-            target=[assistant(gold, "\n".join(lines))],
-            answer=gold,
+            target=[assistant(answer, "\n".join(lines))],
+            answer=answer,
             level=LEVEL,
             family=FAMILY,
-            meta={"numbers": nums, "target": target, "attempts": len(attempts)},
+            meta={"numbers": nums, "target": target, "attempts": len(lines) - 1},
         )
 
     return draw(FAMILY, split, n, seed, propose, build)
@@ -135,6 +135,39 @@ def _random_expr(nums: list[int], rng: random.Random) -> tuple[str, int]:
         expr = f"{expr}{op}{x}" if i == 1 else f"({expr}){op}{x}"
         value = value + x if op == "+" else value - x if op == "-" else value * x
     return expr, value
+
+
+def _step(x: int, op: str, y: int) -> tuple[str, int]:
+    """One operation as the search writes it ("8*4"), subtraction larger minus smaller, and its value."""
+    if op == "-" and x < y:
+        x, y = y, x
+    return f"{x}{op}{y}", x + y if op == "+" else x * y if op == "*" else x - y
+
+
+def search(nums: list[int], target: int) -> tuple[list[str], str]:
+    """The thinking lines of the fixed-order search over three numbers and the expression it finds.
+
+    First steps in order: the pairs (n0, n1), (n0, n2), (n1, n2), each with + * -; after each, its
+    value with the remaining number by + * -. Raises ValueError if no candidate reaches `target`
+    (every generated problem is reachable: its target is the value of such an expression).
+    """
+    if len(nums) != 3:
+        raise ValueError(f"countdown search: needs 3 numbers, got {len(nums)}")
+    n0, n1, n2 = nums
+    lines = []
+    for a, b, c in ((n0, n1, n2), (n0, n2, n1), (n1, n2, n0)):
+        for op1 in "+*-":
+            first, v = _step(a, op1, b)
+            parts = [f"{first}={v}"]
+            for op2 in "+*-":
+                second, w = _step(v, op2, c)
+                parts.append(f"{second}={w}:{target}")  # the target beside each result: a local check
+                if w == target:
+                    lines.append(" ".join(parts) + " yes")
+                    inner = f"({first})"
+                    return lines, (f"{c}-{inner}" if op2 == "-" and v < c else f"{inner}{op2}{c}")
+            lines.append(" ".join(parts))
+    raise ValueError(f"countdown search: {target} is not reachable from {nums}")
 
 
 def check_expression(content: str, numbers: list[int], target: int) -> bool:
