@@ -11,7 +11,7 @@ from xinzhou.chat_format import render_text
 from xinzhou.config import preset
 from xinzhou.hf import load_hf, save_hf
 from xinzhou.model import XinzhouLM
-from xinzhou.rl_train import RLConfig, _batch, rl_train, rollouts
+from xinzhou.rl_train import RLConfig, _batch, looping, rl_train, rollouts
 from xinzhou.tokenizer import train_tokenizer
 
 
@@ -77,3 +77,14 @@ def test_bad_config_is_refused(ckpt, tmp_path):
         small(ckpt, tmp_path, loss="ppo2")
     with pytest.raises(ValueError, match="group_size = 1"):
         small(ckpt, tmp_path, group_size=1)
+
+
+def test_looping_is_exact_repetition_not_confidence() -> None:
+    assert looping([5, 6, 7] * 20, 48)
+    assert looping(list(range(24)) * 3, 48) and not looping(list(range(25)) * 3, 48)  # block <= 48 // 2
+    assert not looping([7] * 48, 48) and looping([7] * 49, 48)  # the window and one more block
+    assert not looping([1] * 10 + [2] * 40, 48)
+    # a long search never repeats a whole line: a token at a time, it is never a loop
+    lines, _ = tasks.countdown.search([2, 3, 10], 17)
+    text = [ord(ch) for ch in "\n".join(lines)]
+    assert not any(looping(text[:i], 48) for i in range(len(text) + 1))

@@ -9,8 +9,10 @@ temperature 1 (the engine reports each token's log-probability under the policy 
 a reward of 1 when the verifier accepts the final answer, group-normalised advantages, groups
 whose rewards all agree dropped (dynamic sampling), then `updates_per_step` minibatch updates
 whose ratio is taken against the rollout's own log-probabilities, so that after the first
-update the clip acts. A rollout stops early once `repetition_stop` consecutive tokens each had
-probability > 0.99 (a degenerate loop: reward 0, masked out of the loss like a truncated one).
+update the clip acts. A rollout stops early once its last `repetition_stop` tokens repeat one block
+of at most half as many tokens (`looping`: a degenerate loop; reward 0, masked out of the loss like
+a truncated one). A run of confident tokens is not a loop: L3's search writes 40 near-certain
+tokens in a row when it is learned well.
 
 The LM head runs in fp32 in both rollout and update when `lm_head_fp32` (MiniMax-M1's fix for the
 train/inference mismatch); the correlation of rollout and training log-probabilities of the same
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ from xinzhou.train import (build_model, check_run_dir, cosine_lr, keep_freed_mem
                            start_metrics, _read_metrics)
 
 LOSSES = ("cispo", "dapo", "grpo")
+
+
+def looping(ids: list[int], window: int) -> bool:
+    """Whether the last `window` tokens repeat a block of p <= window // 2 tokens: the last
+    window + p tokens have period p (so the block occurs at least three times)."""
+    for p in range(1, window // 2 + 1):
+        if len(ids) >= window + p and ids[-window:] == ids[-window - p:-p]:
+            return True
+    return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +82,7 @@ class RLConfig:
     eps_high: float | None = None
     temperature: float = 1.0
     max_new_tokens: int = EVAL_MAX_TOKENS  # as the levels are scored: room for L3's whole search
-    repetition_stop: int = 48  # consecutive tokens at p > 0.99 that end a rollout
+    repetition_stop: int = 48  # a rollout whose last 48 tokens repeat a block of <= 24 tokens ends (looping)
     dynamic_sampling: bool = True
     lm_head_fp32: bool = True
     eval_every: int = 5
@@ -131,17 +141,14 @@ def rollouts(model: torch.nn.Module, tok: Tokenizer, samples: list[tasks.Sample]
             owner[engine.add_request(prompt, params)] = (g, prompt)
     out: dict[int, list[int]] = {rid: [] for rid in owner}
     lps: dict[int, list[float]] = {rid: [] for rid in owner}
-    confident: dict[int, int] = {rid: 0 for rid in owner}
     finish: dict[int, str] = {}
-    sure = math.log(0.99)
     while engine.has_work():
         for ev in engine.step():
             rid = ev.request_id
             if isinstance(ev, Token):
                 out[rid].append(ev.token_id)
                 lps[rid].append(ev.logprob)
-                confident[rid] = confident[rid] + 1 if ev.logprob > sure else 0
-                if confident[rid] >= cfg.repetition_stop and rid not in finish:
+                if rid not in finish and looping(out[rid], cfg.repetition_stop):
                     finish[rid] = "repetition"
                     engine.cancel(rid)
             elif isinstance(ev, Finished):
