@@ -55,9 +55,9 @@ _EXACT = "an exact-answer task a model either has or has not learned: 90% leaves
 LEVELS: dict[int, Level] = {
     1: Level(1, "recall", "copy a word sequence; read a value out of a key=value list", {}, "verify", 0.9, _EXACT),
     2: Level(2, "arithmetic", "exact two-digit addition", {"digits": 2, "ops": ("+",)}, "verify", 0.9, _EXACT),
-    3: Level(3, "countdown", "search with retries: reach a target from 3 numbers with + - *", {},
-             "verify", 0.5, "a search in one greedy pass with at most a few retries: half the problems shows "
-             "the search works, where a guess scores near 0"),
+    3: Level(3, "countdown", "search in the thinking: reach a target from 3 numbers with + - *", {},
+             "verify", 0.5, "one greedy pass of a search over at most 27 candidates, each a few exact steps: "
+             "half the problems shows the search works, where a guess scores about 4%"),
     4: Level(4, "tools", "M2 tool calls with interleaved thinking: the right tool with the right arguments, "
              "then the right answer from the real tool result", {}, "tool_task", 0.9, _EXACT),
     5: Level(5, "retrieval", "find one fact among decoys in ~200 words of filler", {"length": 200}, "verify", 0.8,
