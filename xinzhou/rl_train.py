@@ -11,8 +11,8 @@ whose rewards all agree dropped (dynamic sampling), then `updates_per_step` mini
 whose ratio is taken against the rollout's own log-probabilities, so that after the first
 update the clip acts. A rollout stops early once its last `repetition_stop` tokens repeat one block
 of at most half as many tokens (`looping`: a degenerate loop; reward 0, masked out of the loss like
-a truncated one). A run of confident tokens is not a loop: L3's search writes 40 near-certain
-tokens in a row when it is learned well.
+a truncated one). A run of confident tokens is not a loop: a learned L3 search wrote up to 38 tokens
+in a row above probability 0.99 on held-out problems.
 
 The LM head runs in fp32 in both rollout and update when `lm_head_fp32` (MiniMax-M1's fix for the
 train/inference mismatch); the correlation of rollout and training log-probabilities of the same
