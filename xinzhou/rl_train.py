@@ -54,8 +54,8 @@ LOSSES = ("cispo", "dapo", "grpo")
 def looping(ids: list[int], window: int) -> bool:
     """Whether the last `window` tokens repeat a block of p <= window // 2 tokens: the last
     window + p tokens have period p (so the block occurs at least three times)."""
-    for p in range(1, window // 2 + 1):
-        if len(ids) >= window + p and ids[-window:] == ids[-window - p:-p]:
+    for p in range(1, min(window // 2, len(ids) - window) + 1):
+        if ids[-1] == ids[-1 - p] and ids[-window:] == ids[-window - p:-p]:  # (one compare before a slice)
             return True
     return False
 

@@ -104,15 +104,15 @@ def generate(split: str, n: int, seed: int, *, max_number: int = 15, max_target:
     if max_number < 1 or max_target < 1:
         raise ValueError(f"countdown: need max_number >= 1, max_target >= 1; got {max_number}, {max_target}")
 
-    def propose(rng: random.Random) -> tuple[str, tuple[list[int], str, int]]:
+    def propose(rng: random.Random) -> tuple[str, tuple[list[int], int]]:
         while True:
             nums = [rng.randint(1, max_number) for _ in range(3)]
-            expr, value = _random_expr(nums, rng)
+            value = _random_value(nums, rng)
             if 1 <= value <= max_target:
-                return f"{sorted(nums)}->{value}", (nums, expr, value)
+                return f"{sorted(nums)}->{value}", (nums, value)
 
-    def build(p: tuple[list[int], str, int], rng: random.Random) -> Sample:
-        nums, _, target = p
+    def build(p: tuple[list[int], int], rng: random.Random) -> Sample:
+        nums, target = p
         lines, answer = search(nums, target)
         return Sample(
             messages=[{"role": "user", "content": f"Make {target} from {' '.join(map(str, nums))}"}],
@@ -120,28 +120,31 @@ def generate(split: str, n: int, seed: int, *, max_number: int = 15, max_target:
             answer=answer,
             level=LEVEL,
             family=FAMILY,
-            meta={"numbers": nums, "target": target, "attempts": len(lines) - 1},
+            meta={"numbers": nums, "target": target, "attempts": len(lines) - 1},  # lines that missed
         )
 
     return draw(FAMILY, split, n, seed, propose, build)
 
 
-def _random_expr(nums: list[int], rng: random.Random) -> tuple[str, int]:
-    """A left-nested expression "((a o b) o c) o d" over a shuffle of `nums`, and its value."""
+def _apply(x: int, op: str, y: int) -> int:
+    return x + y if op == "+" else x - y if op == "-" else x * y
+
+
+def _random_value(nums: list[int], rng: random.Random) -> int:
+    """The value of a left-nested expression "((a o b) o c) o d" over a shuffle of `nums`: a target
+    that `search` reaches by construction."""
     order = rng.sample(nums, len(nums))
-    expr, value = str(order[0]), order[0]
-    for i, x in enumerate(order[1:], start=1):
-        op = rng.choice("+-*")
-        expr = f"{expr}{op}{x}" if i == 1 else f"({expr}){op}{x}"
-        value = value + x if op == "+" else value - x if op == "-" else value * x
-    return expr, value
+    value = order[0]
+    for x in order[1:]:
+        value = _apply(value, rng.choice("+-*"), x)
+    return value
 
 
 def _step(x: int, op: str, y: int) -> tuple[str, int]:
     """One operation as the search writes it ("8*4"), subtraction larger minus smaller, and its value."""
     if op == "-" and x < y:
         x, y = y, x
-    return f"{x}{op}{y}", x + y if op == "+" else x * y if op == "*" else x - y
+    return f"{x}{op}{y}", _apply(x, op, y)
 
 
 def search(nums: list[int], target: int) -> tuple[list[str], str]:
