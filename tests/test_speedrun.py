@@ -1,5 +1,5 @@
 """`xinzhou speedrun` end to end at a few steps: every stage runs and leaves its artifacts.
-(The real tiny speedrun takes ~10 minutes; its numbers are in the README.)"""
+(The real tiny speedrun's numbers and times are in the README.)"""
 
 import json
 
@@ -14,22 +14,33 @@ def test_speedrun_pipeline_end_to_end(tmp_path):
     small = RECIPES["tiny"].__class__(**{
         **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_drills": 200, "sft_drills": 50,
         "pretrain_steps": 3, "sft_steps": 4, "eval_n": 6,
-        "curve_points": 1, "curve_n": 3,
+        "curve_points": 1, "curve_n": 3, "rl_steps": 1, "rl_prompts": 2, "rl_group": 2,
         "sft_mix": dict(arithmetic=200, tools=60, recall=20, countdown=20, retrieval=5)})
     out = speedrun(small, str(tmp_path / "run"))
     for f in ("tokenizer/tokenizer.json", "data/pretrain/meta.json", "data/sft/meta.json", "pretrain/loss.png",
-              "sft/loss.png", "sft/metrics.jsonl", "report.md", "levels.png", "levels.json", "curve.png"):
+              "sft/loss.png", "sft/metrics.jsonl", "rl/metrics.jsonl", "rl/rl.png", "report.md", "levels.png",
+              "levels.json", "curve.png"):
         assert (out / f).exists(), f
     levels = json.loads((out / "levels.json").read_text())
     assert [x["level"] for x in levels] == [1, 2, 3, 4, 5] and all(x["n"] == 6 for x in levels)
-    assert "| L2 | arithmetic |" in (out / "report.md").read_text()
-    model = load_hf(out / "sft" / "ckpt")
-    tok = Tokenizer.load(out / "sft" / "ckpt" / "tokenizer.json")
+    report = (out / "report.md").read_text()
+    assert "| L2 | arithmetic |" in report
+    # the RL stage starts from sft/ckpt, its checkpoint is the one reported, and the report gives L3
+    # before RL (rl_train's score before its first step) and after (the report's own), same problems
+    rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [-1, 0] and "pass_rate" not in rows[1]
+    assert json.loads((out / "rl" / "run.json").read_text())["train"]["model"] == str(out / "sft" / "ckpt")
+    assert f"checkpoint `{out / 'rl' / 'ckpt'}`" in report and "## RL stage" in report
+    assert (f"Held-out L3 on the same 6 problems: {rows[0]['pass_rate']:.1%} after SFT, "
+            f"{levels[2]['score']:.1%} after RL") in report
+    model = load_hf(out / "rl" / "ckpt")
+    tok = Tokenizer.load(out / "rl" / "ckpt" / "tokenizer.json")
     assert model.config.vocab_size == tok.vocab_size and model.config.eos_token_id == tok.eos_id
     sft_rows = (out / "sft" / "metrics.jsonl").read_text().splitlines()
     # the curve: one point scored during SFT (step 2 of 4, n = 3) and the final report's
     points = json.loads((out / "curve.json").read_text())
-    assert [(c["step"], c["n"]) for c in points] == [(2, 3), (4, 6)]
+    assert [(c["step"], c["n"]) for c in points] == [(2, 3), (4, 6)] and points[1]["rl_steps"] == 1
+    assert "| 4 + RL 1 | " in report
     assert points[0]["minutes"] < points[1]["minutes"] and list(points[1]["scores"]) == ["L1", "L2", "L3", "L4", "L5"]
     assert points[1]["scores"]["L2"] == levels[1]["score"]
     assert "## Levels against wall-clock minutes" in (out / "report.md").read_text()
@@ -59,7 +70,7 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     # Muon in both stages, a gentler Muon rate for SFT, copying drills in both mixes
     r = RECIPES["tiny"].__class__(**{
         **RECIPES["tiny"].__dict__, "pretrain_docs": 120, "pretrain_drills": 40, "pretrain_steps": 2, "sft_steps": 2,
-        "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004,
+        "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004, "rl_steps": 0,
         "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30})
     out = speedrun(r, str(tmp_path / "run"))
     pre = json.loads((out / "pretrain" / "run.json").read_text())["train"]
@@ -67,4 +78,5 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     assert (pre["optimizer"], pre["muon_lr"]) == ("muon", 0.03) and (sft["optimizer"], sft["muon_lr"]) == ("muon", 0.004)
     assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 160
     assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 250
-    assert "muon" in (out / "report.md").read_text()
+    assert "muon" in (out / "report.md").read_text() and not (out / "rl").exists()
+    assert "## RL stage" not in (out / "report.md").read_text()

@@ -161,6 +161,40 @@ def test_countdown_samples_and_search() -> None:
             assert target not in values[1:-1] and (i == len(lines) - 1 or len(values) == 4)
 
 
+def test_countdown_details_count_exact_steps_and_searches() -> None:
+    from xinzhou.tasks.common import Parsed
+    s32 = Sample(messages=[], target=[], answer="(3+5)*4", level=3, family="countdown",
+                 meta={"numbers": [3, 5, 4], "target": 32})
+    s11 = Sample(messages=[], target=[], answer="(3*5)-4", level=3, family="countdown",
+                 meta={"numbers": [3, 5, 4], "target": 11})
+    right = Parsed(reasoning="3+5=8 8+4=12:32 8*4=32:32 yes", content="(3+5)*4")
+    # 8 steps written: 3*5=16 and 16+4=21 are wrong; 16*4=64 and 16-4=12 are exact for the value
+    # written before them (a step is checked on its own), the first line is exact: 6 of 8
+    slipped = Parsed(reasoning="3+5=8 8+4=12:11 8*4=32:11 8-4=4:11\n3*5=16 16+4=21:11 16*4=64:11 16-4=12:11",
+                     content="")
+    got = tasks.details([s32, s11], [right, slipped])
+    assert got == {"steps exact": (3 + 6) / 11, "search exact": 0.5}
+    assert tasks.details([s11], [Parsed(reasoning="", content="(3*5)-4")]) == {"steps exact": 0.0, "search exact": 0.0}
+    assert tasks.details(generate("arithmetic", "test", 2, 0), [right, right]) == {}  # no sub-metrics there
+
+
+def test_countdown_step_drills_are_exact_search_steps() -> None:
+    docs = countdown.step_drills(0, 200, steps=24)
+    assert docs == countdown.step_drills(0, 200, steps=24) and docs != countdown.step_drills(1, 200, steps=24)
+    firsts = seconds = 0
+    for doc in docs:
+        steps = doc.split(" ")
+        assert len(steps) == 24 and "Make" not in doc
+        for step in steps:
+            x, op, y, value = re.fullmatch(r"(\d+)([-+*])(\d+)=(\d+)", step).groups()
+            x, y, value = int(x), int(y), int(value)
+            assert countdown.evaluate(f"{x}{op}{y}")[0] == value >= 0 and (op != "-" or x >= y)
+            assert min(x, y) <= 15  # a second step keeps its third number in 1..15 (its value may be 0)
+            firsts += max(x, y) <= 15
+            seconds += max(x, y) > 15
+    assert firsts > 1000 and seconds > 1000  # both kinds, about half each (values <= 15 count as firsts)
+
+
 def test_countdown_verifier() -> None:
     s = Sample(messages=[], target=[], answer="(3+5)*4", level=3, family="countdown",
                meta={"numbers": [3, 5, 4], "target": 32})
@@ -193,6 +227,7 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
     r = RECIPES["tiny"]
     train_text = set(tasks.pretrain_text(0, r.pretrain_docs, max(r.pretrain_drills, 300)))
     train_text |= set(tasks.drill_text(1, max(r.sft_drills, 300)))  # the SFT mix's drills (speedrun: seed + 1)
+    train_text |= set(countdown.step_drills(0, max(r.sft_step_drills, 300)))  # and its search-step drills
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)

@@ -1,6 +1,6 @@
 """The `xinzhou` command.
 
-    xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT -> capability report (CPU, tiny)
+    xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT -> RL -> capability report (CPU, tiny)
     xinzhou speedrun --preset small       # the same at the 306.8M shape (GPU)
     xinzhou eval runs/speedrun/sft/ckpt   # capability report of any checkpoint with a tokenizer.json
     xinzhou eval --endpoint http://127.0.0.1:8000 --served-name ckpt --out eval/ [--compare old/levels.json]
@@ -15,8 +15,9 @@
                                           # the interleaved-thinking agent against any endpoint
 
 A speedrun writes into --out: tokenizer/, data/, pretrain/ and sft/ (each with metrics.jsonl,
-loss.png and ckpt/), report.md, levels.png, and curve.png with curve.json (level scores against wall-clock minutes,
-scored during SFT). The final checkpoint is sft/ckpt: a Hugging Face
+loss.png and ckpt/), rl/ when the recipe has an RL stage (metrics.jsonl, rl.png, ckpt/), report.md,
+levels.png, and curve.png with curve.json (level scores against wall-clock minutes, scored during
+SFT and at the end). The final checkpoint is rl/ckpt (sft/ckpt without an RL stage): a Hugging Face
 directory that transformers loads.
 
 Errors in the input (a missing checkpoint, a malformed file, an output path that holds files
@@ -45,7 +46,7 @@ from xinzhou.errors import CheckpointError, DataError, OutputError, cli_errors
 from xinzhou.evals import capability_report, plot_levels, report_markdown
 from xinzhou.hf import load_hf
 from xinzhou.tokenizer import Tokenizer, train_tokenizer
-from xinzhou.train import TrainConfig, check_run_dir, train
+from xinzhou.train import TrainConfig, _read_metrics, check_run_dir, train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,10 +70,16 @@ class Recipe:
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
     pretrain_drills: int = 0  # copying drills added to the pretraining documents (tasks.drill_text)
     sft_drills: int = 0  # copying drills kept in the SFT mix (plain text, all learned), so SFT keeps the circuit
+    sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what
     # pretraining formed (experiments/induction: copying survives SFT at 0.002 and is erased at 0.02)
+    rl_steps: int = 0  # CISPO steps on rl_task's verifier after SFT (xinzhou.rl_train); 0: no RL stage
+    rl_task: str = "countdown"
+    rl_prompts: int = 16  # problems per RL step, rl_group rollouts each
+    rl_group: int = 8
+    rl_lr: float = 2e-5
 
 
 RECIPES = {
@@ -110,14 +117,16 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
-    for stage in ("pretrain", "sft"):  # refuse before minutes of work, not after
+    stages = ("pretrain", "sft") + (("rl",) if r.rl_steps else ())
+    for stage in stages:  # refuse before minutes of work, not after
         check_run_dir(out_dir / stage)
+    total = 5 + bool(r.rl_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
 
-    _log("1/5 curriculum: generating task conversations")
+    _log(f"1/{total} curriculum: generating task conversations")
     pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills)
     sft = []
     for family, n in r.sft_mix.items():
@@ -129,16 +138,17 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
             sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools,
                             keep_all_thinking=True))
     sft += tasks.drill_text(seed + 1, r.sft_drills)  # other drills than pretraining's
+    sft += tasks.countdown.step_drills(seed, r.sft_step_drills)
     random.Random(seed).shuffle(sft)
 
-    _log(f"2/5 tokenizer: byte-level BPE, vocab {r.vocab_size}")
+    _log(f"2/{total} tokenizer: byte-level BPE, vocab {r.vocab_size}")
     chat_texts = [render_text(c["messages"], c["tools"], keep_all_thinking=True) for c in sft[:3000]
                   if isinstance(c, dict)]  # (not the drills: plain text)
     tok = train_tokenizer(pretrain_texts + chat_texts, r.vocab_size)
     tok_path = tok.save(out_dir / "tokenizer")
     tok = Tokenizer.load(tok_path)
 
-    _log("3/5 data: tokenized, packed shards")
+    _log(f"3/{total} data: tokenized, packed shards")
     write_shards(tokenize_docs(pretrain_texts, tok), out_dir / "data" / "pretrain", tok.vocab_size, "tasks.pretrain_text")
     write_shards(tokenize_docs(sft, tok), out_dir / "data" / "sft", tok.vocab_size, "tasks SFT mix")
 
@@ -146,7 +156,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     model_cfg: ModelConfig = preset(spec.pop("name"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **spec)
     common = dict(seed=seed, tokenizer=str(tok_path), doc_mask=r.doc_mask, optimizer=r.optimizer, muon_lr=r.muon_lr)
-    _log(f"4/5 pretrain ({model_cfg.num_params() / 1e6:.2f}M params) then SFT")
+    _log(f"4/{total} pretrain ({model_cfg.num_params() / 1e6:.2f}M params) then SFT")
     pre = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "pretrain"), out_dir=str(out_dir / "pretrain"),
                                        steps=r.pretrain_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
                                        batch_size=r.batch_size, **common))
@@ -165,13 +175,24 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
                   on_step=score_during_sft)
     sft_done = (time.time() - t0) / 60
 
-    _log("5/5 capability report on held-out tasks")
+    rl_cfg = None
+    if r.rl_steps:
+        _log(f"5/{total} RL: CISPO on {r.rl_task}, {r.rl_steps} steps of {r.rl_prompts} problems x {r.rl_group} rollouts")
+        rl_cfg = rl_train.RLConfig(model=str(final), out_dir=str(out_dir / "rl"), task=r.rl_task, loss="cispo",
+                                   steps=r.rl_steps, prompts_per_step=r.rl_prompts, group_size=r.rl_group,
+                                   lr=r.rl_lr, eval_every=0, eval_n=r.eval_n, seed=seed)
+        final = rl_train.rl_train(rl_cfg)
+    trained = (time.time() - t0) / 60
+
+    _log(f"{total}/{total} capability report on held-out tasks")
     results = report(final, out_dir, n=r.eval_n)
     minutes = (time.time() - t0) / 60
-    curve.append(dict(step=r.sft_steps, minutes=sft_done, n=r.eval_n, scores=level_scores(results)))
+    curve.append(dict(step=r.sft_steps, rl_steps=r.rl_steps, minutes=trained, n=r.eval_n, scores=level_scores(results)))
     thresholds = {f"L{x.level}": x.threshold for x in results}
     text = (out_dir / "report.md").read_text()
     text = text.replace("\n\n", f"\n\nSpeedrun `{recipe_name}` in {minutes:.1f} min; checkpoint `{final}`.\n\n", 1)
+    if rl_cfg is not None:
+        text += rl_markdown(rl_cfg, out_dir / "rl", results, trained - sft_done)
     text += curve_markdown(curve, thresholds)
     (out_dir / "report.md").write_text(text)
     (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
@@ -197,6 +218,18 @@ def curve_point(model: torch.nn.Module, tok: Tokenizer, step: int, t0: float, n:
     return dict(step=step, minutes=minutes, n=n, scores=level_scores(results))
 
 
+def rl_markdown(cfg: rl_train.RLConfig, rl_dir: Path, results: list, minutes: float) -> str:
+    """The RL stage's section of the report: its level's held-out score before RL (rl_train scores
+    it before the first step) and after (the report's, on the same problems)."""
+    level = next(x for x in results if x.family == cfg.task)
+    before = next(row["pass_rate"] for row in _read_metrics(rl_dir / "metrics.jsonl") if row["step"] == -1)
+    return ("\n## RL stage\n\n"
+            f"CISPO on {cfg.task} (L{level.level}) after SFT: {cfg.steps} steps of {cfg.prompts_per_step} training "
+            f"problems x {cfg.group_size} rollouts, {cfg.updates_per_step} minibatch updates each, lr {cfg.lr:g}, "
+            f"{minutes:.1f} min. Held-out L{level.level} on the same {level.n} problems: {before:.1%} after SFT, "
+            f"{level.score:.1%} after RL. Per step: `rl/metrics.jsonl`, `rl/rl.png`.\n")
+
+
 def level_scores(results: list) -> dict[str, float]:
     return {f"L{x.level}": x.score for x in results}
 
@@ -204,11 +237,12 @@ def level_scores(results: list) -> dict[str, float]:
 def curve_markdown(curve: list[dict], thresholds: dict[str, float]) -> str:
     levels = list(thresholds)
     lines = ["", "## Levels against wall-clock minutes", "",
-             "Scores during SFT (the last row is the report above); minutes since the speedrun began, "
-             "the scoring of earlier points included.", "",
+             "Scores during SFT (the last row is the report above, after the RL stage when there is one); "
+             "minutes since the speedrun began, the scoring of earlier points included.", "",
              "| SFT step | minutes | n | " + " | ".join(levels) + " |", "|---" * (3 + len(levels)) + "|"]
     for c in curve:
-        lines.append(f"| {c['step']} | {c['minutes']:.1f} | {c['n']} | "
+        step = f"{c['step']} + RL {c['rl_steps']}" if c.get("rl_steps") else str(c["step"])
+        lines.append(f"| {step} | {c['minutes']:.1f} | {c['n']} | "
                      + " | ".join(f"{c['scores'][k]:.1%}" for k in levels) + " |")
     lines.append("| threshold | | | " + " | ".join(f"{thresholds[k]:.0%}" for k in levels) + " |")
     return "\n".join(lines) + "\n"
@@ -224,7 +258,7 @@ def plot_curve(curve: list[dict], thresholds: dict[str, float], png: Path) -> No
         ax.plot([c["minutes"] for c in curve], [c["scores"][level] for c in curve], "o-", color=color, label=level)
         ax.axhline(threshold, color=color, linestyle=":", linewidth=1)
     ax.set(xlabel="wall-clock minutes", ylabel="held-out score", ylim=(-0.02, 1.05),
-           title="capability levels during SFT (dotted: thresholds)")
+           title="capability levels during training (dotted: thresholds)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -296,14 +330,20 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
-    return n
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{n}: must be at least {minimum}")
+        return n
+    return parse
+
+
+_positive, _nonnegative = _at_least(1), _at_least(0)
 
 
 def _check_inputs_not_output(inputs: list[str], out: str) -> None:
@@ -320,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("speedrun", parents=[common],
-                       help="tokenizer -> curriculum -> pretrain -> SFT -> capability report")
+                       help="tokenizer -> curriculum -> pretrain -> SFT -> RL -> capability report")
     s.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--seed", type=int, default=0)
@@ -328,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="let each document of a packed training window see the ones before it (the old way)")
     s.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="override the recipe's optimiser (muon: Muon for the hidden matrices, AdamW for the rest)")
+    s.add_argument("--rl-steps", type=_nonnegative, default=None,
+                   help="CISPO steps on countdown after SFT (0: no RL stage; default: the recipe's)")
     e = sub.add_parser("eval", parents=[common], help="capability report of a checkpoint or of an endpoint")
     e.add_argument("ckpt", nargs="?", default=None, help="checkpoint directory with tokenizer.json (or --model)")
     e.add_argument("--model", default=None, help="checkpoint directory with tokenizer.json (runs here)")
@@ -566,6 +608,8 @@ def _run(args: argparse.Namespace) -> None:
             recipe = dataclasses.replace(recipe, doc_mask=False)
         if args.optimizer:
             recipe = dataclasses.replace(recipe, optimizer=args.optimizer)
+        if args.rl_steps is not None:
+            recipe = dataclasses.replace(recipe, rl_steps=args.rl_steps)
         speedrun(recipe, args.out, args.seed, name=args.preset)
     elif args.cmd == "eval":
         _eval(args)

@@ -116,8 +116,10 @@ def evaluate_level(client: Client, level: int, n: int | None = None, seed: int =
                        "right answer": accuracy}
         else:
             first = list(pool.map(lambda s: client.complete([s.messages[-1]["content"]], s.tools or []), samples))
-            oks = [tasks.verify(s, parsed(t)) for s, t in zip(samples, first)]
+            answers = [parsed(t) for t in first]
+            oks = [tasks.verify(s, a) for s, a in zip(samples, answers)]
             score = accuracy = sum(oks) / len(samples)
+            details = tasks.details(samples, answers)  # e.g. L3: how exact the search steps were
             kinds = sorted({s.meta["kind"] for s in samples if "kind" in s.meta})
             if len(kinds) > 1:  # e.g. L1: copying a sequence and reading a key's value, each on its own
                 for kind in kinds:

@@ -80,6 +80,15 @@ def verify(sample: Sample, parsed: ParsedLike) -> bool:
     return _family(sample.family).verify(sample, parsed)
 
 
+def details(samples: list[Sample], parsed: list[ParsedLike]) -> dict[str, float]:
+    """Sub-metrics of a family's answers beyond pass/fail (empty when the family has none), e.g.
+    for countdown how many written search steps were exact. `samples` are of one family."""
+    if not samples:
+        return {}
+    fn = getattr(_family(samples[0].family), "details", None)
+    return fn(samples, parsed) if fn is not None else {}
+
+
 def conversation(sample: Sample) -> list[dict]:
     """The full SFT conversation: prompt + target."""
     return sample.messages + sample.target

@@ -22,13 +22,14 @@ from __future__ import annotations
 import random
 import re
 
-from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw
+from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw, split_of
 
 FAMILY = "countdown"
 LEVEL = 3
 MAX_CHARS = 200  # bounds the parser's recursion depth and the size of any value
 MAX_DIGITS = 6
 _TOKEN = re.compile(r"\s*(?:([0-9]+)|([-+*()]))")
+_STEP = re.compile(r"(?<![0-9])([0-9]{1,6})([-+*])([0-9]{1,6})=([0-9]{1,7})(?![0-9])")  # "8*4=32" in a search
 
 
 def tokenize(expr: str) -> list[str]:
@@ -147,6 +148,28 @@ def _step(x: int, op: str, y: int) -> tuple[str, int]:
     return f"{x}{op}{y}", _apply(x, op, y)
 
 
+def step_drills(seed: int, n: int, steps: int = 24, max_number: int = 15) -> list[str]:
+    """`n` plain-text documents of `steps` search steps each, as `search` writes them: a first step
+    on two numbers in 1..max_number, or a second step on such a step's value and a third number
+    (half each), by + * - with the smaller taken from the larger. Dense practice of the arithmetic
+    a search is made of. No document holds a held-out problem: none says "Make ...", and a step
+    whose text hashes into the test split (L2's key of "12+14" is that text) is drawn again."""
+    rng = random.Random(f"countdown-steps/{seed}")
+    docs = []
+    for _ in range(n):
+        parts = []
+        while len(parts) < steps:
+            a, b = rng.randint(1, max_number), rng.randint(1, max_number)
+            if rng.random() < 0.5:  # a second step: the value of a first step, then the third number
+                a = _step(a, rng.choice("+*-"), b)[1]
+                b = rng.randint(1, max_number)
+            text, value = _step(a, rng.choice("+*-"), b)
+            if split_of(text) == "train":  # "12+14" may be a held-out L2 problem (its key is the same text)
+                parts.append(f"{text}={value}")
+        docs.append(" ".join(parts))
+    return docs
+
+
 def search(nums: list[int], target: int) -> tuple[list[str], str]:
     """The thinking lines of the fixed-order search over three numbers and the expression it finds.
 
@@ -183,6 +206,21 @@ def check_expression(content: str, numbers: list[int], target: int) -> bool:
     except ValueError:
         return False
     return value == target and sorted(used) == sorted(numbers)
+
+
+def details(samples: list[Sample], parsed: list[ParsedLike]) -> dict[str, float]:
+    """Where a search goes wrong: "steps exact", the written steps ("8*4=32") whose value is right,
+    over all the samples' thinking; "search exact", the samples whose thinking is `search`'s,
+    line for line (a pass can still come from a search with a slip in it)."""
+    right = written = exact = 0
+    for sample, p in zip(samples, parsed):
+        thinking = p.reasoning.strip()
+        for a, op, b, value in _STEP.findall(thinking):
+            written += 1
+            right += _apply(int(a), op, int(b)) == int(value)
+        lines, _ = search(sample.meta["numbers"], sample.meta["target"])
+        exact += thinking == "\n".join(lines)
+    return {"steps exact": right / written if written else 0.0, "search exact": exact / len(samples)}
 
 
 def verify(sample: Sample, parsed: ParsedLike) -> bool:
