@@ -77,6 +77,8 @@ def test_bad_config_is_refused(ckpt, tmp_path):
         small(ckpt, tmp_path, loss="ppo2")
     with pytest.raises(ValueError, match="group_size = 1"):
         small(ckpt, tmp_path, group_size=1)
+    with pytest.raises(ValueError, match="eval_every = -1"):
+        small(ckpt, tmp_path, eval_every=-1)
 
 
 def test_looping_is_exact_repetition_not_confidence() -> None:
