@@ -1,6 +1,6 @@
 """The `xinzhou` command.
 
-    xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT -> RL -> capability report (CPU, tiny)
+    xinzhou speedrun                      # tokenizer -> curriculum -> pretrain -> SFT [-> RL] -> capability report (CPU, tiny)
     xinzhou speedrun --preset small       # the same at the 306.8M shape (GPU)
     xinzhou eval runs/speedrun/sft/ckpt   # capability report of any checkpoint with a tokenizer.json
     xinzhou eval --endpoint http://127.0.0.1:8000 --served-name ckpt --out eval/ [--compare old/levels.json]
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("speedrun", parents=[common],
-                       help="tokenizer -> curriculum -> pretrain -> SFT -> RL -> capability report")
+                       help="tokenizer -> curriculum -> pretrain -> SFT [-> RL with --rl-steps] -> capability report")
     s.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--seed", type=int, default=0)
