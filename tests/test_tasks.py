@@ -163,10 +163,10 @@ def test_countdown_samples_and_search() -> None:
 
 def test_countdown_details_count_exact_steps_and_searches() -> None:
     from xinzhou.tasks.common import Parsed
-    s32 = Sample(messages=[], target=[], answer="(3+5)*4", level=3, family="countdown",
-                 meta={"numbers": [3, 5, 4], "target": 32})
-    s11 = Sample(messages=[], target=[], answer="(3*5)-4", level=3, family="countdown",
-                 meta={"numbers": [3, 5, 4], "target": 11})
+    from xinzhou.tasks.common import assistant
+    s32, s11 = (Sample(messages=[], target=[assistant(answer, "\n".join(lines))], answer=answer, level=3,
+                       family="countdown", meta={"numbers": [3, 5, 4], "target": t})
+                for t in (32, 11) for lines, answer in [countdown.search([3, 5, 4], t)])
     right = Parsed(reasoning="3+5=8 8+4=12:32 8*4=32:32 yes", content="(3+5)*4")
     # 8 steps written: 3*5=16 and 16+4=21 are wrong; 16*4=64 and 16-4=12 are exact for the value
     # written before them (a step is checked on its own), the first line is exact: 6 of 8

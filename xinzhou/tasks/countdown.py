@@ -210,16 +210,15 @@ def check_expression(content: str, numbers: list[int], target: int) -> bool:
 
 def details(samples: list[Sample], parsed: list[ParsedLike]) -> dict[str, float]:
     """Where a search goes wrong: "steps exact", the written steps ("8*4=32") whose value is right,
-    over all the samples' thinking; "search exact", the samples whose thinking is `search`'s,
-    line for line (a pass can still come from a search with a slip in it)."""
+    over all the samples' thinking; "search exact", the samples whose thinking is their reference
+    search (the sample's own target), line for line (a pass can still come from a search with a slip)."""
     right = written = exact = 0
     for sample, p in zip(samples, parsed):
         thinking = p.reasoning.strip()
         for a, op, b, value in _STEP.findall(thinking):
             written += 1
             right += _apply(int(a), op, int(b)) == int(value)
-        lines, _ = search(sample.meta["numbers"], sample.meta["target"])
-        exact += thinking == "\n".join(lines)
+        exact += thinking == sample.target[-1]["reasoning_content"]
     return {"steps exact": right / written if written else 0.0, "search exact": exact / len(samples)}
 
 
