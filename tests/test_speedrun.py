@@ -2,7 +2,9 @@
 (The real tiny speedrun's numbers and times are in the README.)"""
 
 import json
+import re
 
+import numpy as np
 import torch
 
 from xinzhou.cli import RECIPES, speedrun
@@ -71,7 +73,8 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     r = RECIPES["tiny"].__class__(**{
         **RECIPES["tiny"].__dict__, "pretrain_docs": 120, "pretrain_drills": 40, "pretrain_steps": 2, "sft_steps": 2,
         "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004, "rl_steps": 0,
-        "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30})
+        "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30,
+        "sft_task_params": {"recall": {"thinking": "scan"}}})
     out = speedrun(r, str(tmp_path / "run"))
     pre = json.loads((out / "pretrain" / "run.json").read_text())["train"]
     sft = json.loads((out / "sft" / "run.json").read_text())["train"]
@@ -80,3 +83,9 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 250
     assert "muon" in (out / "report.md").read_text() and not (out / "rl").exists()
     assert "## RL stage" not in (out / "report.md").read_text()
+    # the recall samples' params reached the SFT data: a key lookup's thinking scans the list
+    meta = json.loads((out / "data" / "sft" / "meta.json").read_text())
+    ids = np.fromfile(out / "data" / "sft" / "tokens.bin", dtype=meta["dtype"]).tolist()
+    text = Tokenizer.load(out / "tokenizer" / "tokenizer.json").decode(ids)
+    scans = re.findall(r"<think>\n((?:[a-z]:[a-z]=\w+ )*)([a-z]):\2=\w+\n</think>", text)
+    assert scans and all(w[0] != asked and w[2] == asked for before, asked in scans for w in before.split())

@@ -11,7 +11,7 @@ from xinzhou.tasks import (
     FAMILIES, LEVELS, Parsed, Sample, conversation, generate, gold_parsed, pretrain_text, split_of, verify,
 )
 from xinzhou import tasks
-from xinzhou.tasks import arithmetic, countdown, retrieval, tools
+from xinzhou.tasks import arithmetic, countdown, recall, retrieval, tools
 from xinzhou.tasks.common import user_text
 
 
@@ -99,6 +99,38 @@ def test_recall_rejects_wrong_word() -> None:
             wrong = next(w for w in ("apple", "river") if w != s.answer)
             assert f"{prompt.splitlines()[1][0]}={s.answer}" in prompt
             assert not verify(s, answer_only(wrong))
+
+
+def test_recall_key_lookup_thinking() -> None:
+    assert recall._scan("c=ocean f=mango a=lemon\nf?") == "c:f=ocean f:f=mango"
+    assert recall._scan("c=ocean f=mango a=lemon\nc?") == "c:c=ocean"
+    assert recall._scan("c=ocean f=mango a=lemon\na?") == "c:a=ocean f:a=mango a:a=lemon"
+    assert recall._pair("c=ocean f=mango a=lemon\nc?") == " c=ocean"
+    assert recall._pair("c=ocean f=mango a=lemon\na?") == " a=lemon"
+    for fn in (recall._scan, recall._pair):
+        with pytest.raises(ValueError, match="key 'b' is not in the list"):
+            fn("c=ocean f=mango\nb?")
+    with pytest.raises(ValueError, match="thinking = 'loud'"):
+        generate("recall", "train", 2, seed=0, thinking="loud")
+    plain = generate("recall", "train", 200, seed=3)
+    for mode in ("scan", "pair"):
+        samples = generate("recall", "train", 200, seed=3, thinking=mode)
+        assert [s.messages for s in samples] == [s.messages for s in plain]  # the same problems
+        for s, p in zip(samples, plain):
+            thinking = s.target[0]["reasoning_content"]
+            assert p.target[0]["reasoning_content"] == "" and s.answer == p.answer
+            if s.meta["kind"] == "repeat":
+                assert thinking == ""
+                continue
+            pairs, query = user_text(s).split("\n")
+            asked = query[:-1]
+            if mode == "pair":
+                assert thinking == f" {asked}={s.answer}" and f"{asked}={s.answer}" in pairs.split()
+                continue
+            written = thinking.split()
+            assert " ".join(w.replace(f":{asked}=", "=") for w in written) == " ".join(pairs.split()[:len(written)])
+            assert written[-1] == f"{asked}:{asked}={s.answer}"
+            assert [w.split(":")[0] for w in written].count(asked) == 1
 
 
 def test_retrieval_fact_appears_once() -> None:

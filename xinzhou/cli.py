@@ -33,7 +33,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,6 +81,8 @@ class Recipe:
     rl_prompts: int = 16  # problems per RL step, rl_group rollouts each
     rl_group: int = 8
     rl_lr: float = 2e-5
+    sft_task_params: dict = field(default_factory=dict)  # family -> generate() params of its SFT samples,
+    # e.g. {"recall": {"thinking": "scan"}} (the held-out problems are the same whatever they are)
 
 
 RECIPES = {
@@ -131,7 +133,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills)
     sft = []
     for family, n in r.sft_mix.items():
-        samples = tasks.generate(family, "train", n, seed)
+        samples = tasks.generate(family, "train", n, seed, **r.sft_task_params.get(family, {}))
         k = r.tool_turns if family == "tools" else 1
         for i in range(0, len(samples), k):  # several questions share one conversation
             group = samples[i:i + k]

@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--sft-mix", default="recall=8000,retrieval=2000",
                     help="family=samples,... ('full': the tiny recipe's five-level mix)")
     ap.add_argument("--sft-drills", type=int, default=0, help="copying drills kept in the SFT mix")
+    ap.add_argument("--kv-thinking", choices=("none", "scan", "pair"), default="none",
+                    help="the thinking of L1's key-lookup demonstrations (xinzhou/tasks/recall.py)")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -57,6 +59,7 @@ def main() -> None:
                             pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
+                            sft_task_params={"recall": {"thinking": args.kv_thinking}},
                             curve_points=0, eval_n=args.eval_n)
     out = args.out or f"runs/induction-probe/{args.optimizer}-docs{args.pretrain_docs}-drills{args.drills}-seed{args.seed}"
     speedrun(r, out, seed=args.seed, name="L1/L5 probe")
