@@ -1,10 +1,12 @@
 """`xinzhou speedrun` end to end at a few steps: every stage runs and leaves its artifacts.
 (The real tiny speedrun's numbers and times are in the README.)"""
 
+import dataclasses
 import json
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from xinzhou.cli import RECIPES, speedrun
@@ -66,6 +68,13 @@ def test_data_command_builds_shards_from_user_files(tmp_path):
     assert meta["n_docs"] == 4  # two paragraphs, one text record, one chat record
     x, y = PackedLoader(tmp_path / "sh", seq_len=64, batch_size=1).next_batch()
     assert (y != -100).sum() > 0
+
+
+def test_speedrun_refuses_task_params_for_a_family_not_in_the_mix(tmp_path):
+    r = dataclasses.replace(RECIPES["tiny"], sft_task_params={"recal": {"thinking": "scan"}})
+    with pytest.raises(ValueError, match=r"sft_task_params names \['recal'\]"):
+        speedrun(r, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_speedrun_recipe_options_reach_both_stages(tmp_path):

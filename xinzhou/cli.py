@@ -120,6 +120,9 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
+    unknown = sorted(set(r.sft_task_params) - set(r.sft_mix))
+    if unknown:
+        raise ValueError(f"sft_task_params names {unknown}, which the SFT mix {sorted(r.sft_mix)} does not have")
     stages = ("pretrain", "sft") + (("rl",) if r.rl_steps else ())
     for stage in stages:  # refuse before minutes of work, not after
         check_run_dir(out_dir / stage)
