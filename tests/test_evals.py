@@ -79,8 +79,55 @@ def test_gold_outputs_score_full_marks_and_garbage_scores_zero(tok):
     assert all(r.score == 0.0 and not r.passed for r in results)
     md = evals.report_markdown(results)
     assert "| L2 | arithmetic |" in md and "0.0%" in md
-    change = evals.compare_markdown(results, evals.to_json([evals.evaluate_level(gold, 2, n=12)]))
-    assert "| L2 | 100.0% | 0.0% | -100.0% | yes -> no |" in change and "| L1 | - | 0.0% | new |" in change
+    before = evals.to_json([evals.evaluate_level(gold, 2, n=12)])
+    assert before[0]["outcomes"] == "1" * 12 and before[0]["seed"] == 0
+    change = evals.compare_markdown(results, before)
+    # the same 12 problems: all 12 broken, none fixed; p = 2 / 2^12
+    assert "| L2 | 100.0% | 0.0% | -100.0% | 0 / 12 (p = 0.00049) | yes -> no |" in change
+    assert "| L1 | - | 0.0% | new | - |" in change
+    other = evals.compare_markdown(results, [before[0] | {"seed": 1}])  # other held-out problems
+    assert "| L2 | 100.0% | 0.0% | -100.0% | other problems |" in other
+    old_file = [{k: v for k, v in before[0].items() if k not in ("outcomes", "seed")}]
+    assert "| -100.0% | - | yes -> no |" in evals.compare_markdown(results, old_file)
+
+
+def test_sign_test_and_paired_change_by_hand():
+    assert evals.sign_test(0, 0) == 1.0
+    assert evals.sign_test(5, 0) == evals.sign_test(0, 5) == 2 / 32
+    # 10 fixed, 2 broken: 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096
+    assert evals.sign_test(10, 2) == pytest.approx(158 / 4096)
+    assert evals.sign_test(3, 3) == 1.0  # 2 * 42/64 > 1: capped
+    assert evals.sign_test(3, 4) == 1.0 and evals.sign_test(1, 2) == 1.0
+    assert evals.paired_change("1100", [True, False, True, False]) == (1, 1, 1.0)
+    assert evals.paired_change("0000011", "1111101") == (5, 1, pytest.approx(2 * 7 / 64))
+    with pytest.raises(ValueError, match="3 outcomes before, 2 now"):
+        evals.paired_change("110", "11")
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        evals.sign_test(-1, 2)
+
+
+def test_paired_table_of_an_rl_run(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "cispo" / "paired.py"
+    spec = importlib.util.spec_from_file_location("paired", path)
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [dict(step=-1, pass_rate=0.25, outcomes="00110000"),  # 2 of 8
+            dict(step=0, reward=0.1),  # an unscored step is not in the table
+            dict(step=3, pass_rate=0.5, outcomes="11100011")]  # fixed 0, 1, 6, 7; broken 3
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    lines = paired.table([run / "metrics.jsonl"]).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| run | 0 | 8 | 25.00% (") and lines[2].endswith("| +0.00% | 0 / 0 | 1 |")
+    assert lines[3].startswith("| run | 4 | 8 | 62.50% (") and lines[3].endswith("| +37.50% | 4 / 1 | 0.38 |")  # 2 * 6/32
+    (run / "metrics.jsonl").write_text(json.dumps(dict(step=0, pass_rate=0.5)) + "\n")
+    with pytest.raises(SystemExit, match="no held-out score before the first step"):
+        paired.table([run / "metrics.jsonl"])
 
 
 def test_right_tool_with_a_wrong_argument_fails_l4(tok):

@@ -62,6 +62,9 @@ def test_rl_train_runs_logs_and_resumes(ckpt, tmp_path, loss):
     for r in rows[1:]:
         for key in ("reward", "response_len", "repetition_rate", "pass_rate", "lr"):
             assert key in r, key
+    for r in rows:  # each held-out problem's outcome, for a paired comparison with a later score
+        assert len(r["outcomes"]) == 4 and set(r["outcomes"]) <= {"0", "1"}
+        assert r["pass_rate"] == r["outcomes"].count("1") / 4
     assert (out / "rl.png").exists() and (path / "tokenizer.json").exists()
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2

@@ -37,6 +37,11 @@ def test_speedrun_pipeline_end_to_end(tmp_path):
     assert f"checkpoint `{out / 'rl' / 'ckpt'}`" in report and "## RL stage" in report
     assert (f"Held-out L3 on the same 6 problems: {rows[0]['pass_rate']:.1%} after SFT, "
             f"{levels[2]['score']:.1%} after RL") in report
+    before, after = rows[0]["outcomes"], levels[2]["outcomes"]  # paired: problem by problem
+    assert len(before) == len(after) == 6 and rows[0]["pass_rate"] == before.count("1") / 6
+    fixed = sum(a == "0" and b == "1" for a, b in zip(before, after))
+    broken = sum(a == "1" and b == "0" for a, b in zip(before, after))
+    assert f"; {fixed} problems solved that were not, {broken} no longer solved (exact McNemar p = " in report
     model = load_hf(out / "rl" / "ckpt")
     tok = Tokenizer.load(out / "rl" / "ckpt" / "tokenizer.json")
     assert model.config.vocab_size == tok.vocab_size and model.config.eos_token_id == tok.eos_id

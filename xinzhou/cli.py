@@ -227,13 +227,17 @@ def curve_point(model: torch.nn.Module, tok: Tokenizer, step: int, t0: float, n:
 def rl_markdown(cfg: rl_train.RLConfig, rl_dir: Path, results: list, minutes: float) -> str:
     """The RL stage's section of the report: its level's held-out score before RL (rl_train scores
     it before the first step) and after (the report's, on the same problems)."""
+    from xinzhou.evals import paired_change
+
     level = next(x for x in results if x.family == cfg.task)
-    before = next(row["pass_rate"] for row in _read_metrics(rl_dir / "metrics.jsonl") if row["step"] == -1)
+    first = next(row for row in _read_metrics(rl_dir / "metrics.jsonl") if row["step"] == -1)
+    fixed, broken, p = paired_change(first["outcomes"], level.outcomes)
     return ("\n## RL stage\n\n"
             f"CISPO on {cfg.task} (L{level.level}) after SFT: {cfg.steps} steps of {cfg.prompts_per_step} training "
             f"problems x {cfg.group_size} rollouts, {cfg.updates_per_step} minibatch updates each, lr {cfg.lr:g}, "
-            f"{minutes:.1f} min. Held-out L{level.level} on the same {level.n} problems: {before:.1%} after SFT, "
-            f"{level.score:.1%} after RL. Per step: `rl/metrics.jsonl`, `rl/rl.png`.\n")
+            f"{minutes:.1f} min. Held-out L{level.level} on the same {level.n} problems: {first['pass_rate']:.1%} "
+            f"after SFT, {level.score:.1%} after RL; {fixed} problems solved that were not, {broken} no longer "
+            f"solved (exact McNemar p = {p:.2g}). Per step: `rl/metrics.jsonl`, `rl/rl.png`.\n")
 
 
 def level_scores(results: list) -> dict[str, float]:

@@ -42,6 +42,8 @@ class LevelResult:
     answer_accuracy: float  # final-answer accuracy (equal to score where the metric is the answer)
     examples: list[dict] = field(default_factory=list)  # a few (prompt, output, ok) for the report
     details: dict[str, float] = field(default_factory=dict)  # sub-metrics (L4: well-formed, right call, ...)
+    outcomes: list[bool] = field(default_factory=list)  # pass or fail of each held-out sample, in order
+    seed: int = 0  # which held-out samples (with the family and n): equal seeds and n are the same problems
 
     @property
     def passed(self) -> bool:
@@ -128,7 +130,7 @@ def evaluate_level(client: Client, level: int, n: int | None = None, seed: int =
     for s, t, ok in list(zip(samples, first, oks))[:3]:
         examples.append(dict(prompt=s.messages[-1]["content"][:200], output=_shown(t)[:300], ok=ok))
     return LevelResult(level, spec.family, spec.measures, spec.metric, score, spec.threshold, len(samples),
-                       accuracy, examples, details)
+                       accuracy, examples, details, outcomes=[bool(o) for o in oks], seed=seed)
 
 
 def capability_report(client: Client, levels: tuple[int, ...] = (1, 2, 3, 4, 5), n: int | None = None,
@@ -141,23 +143,62 @@ def local_client(model: XinzhouLM, tok: Tokenizer, max_batch: int = 32) -> Engin
     return EngineClient(model, tok, max_tokens=EVAL_MAX_TOKENS, max_batch=max_batch)
 
 
+def outcome_string(outcomes: list[bool]) -> str:
+    """Per-sample outcomes as a string of 1 (pass) and 0 (fail), the form levels.json keeps them in."""
+    return "".join("1" if o else "0" for o in outcomes)
+
+
 def to_json(results: list[LevelResult]) -> list[dict]:
     return [dict(level=x.level, family=x.family, metric=x.metric, score=x.score, threshold=x.threshold,
-                 passed=x.passed, ci95=list(x.ci), answer_accuracy=x.answer_accuracy, n=x.n, details=x.details)
+                 passed=x.passed, ci95=list(x.ci), answer_accuracy=x.answer_accuracy, n=x.n, details=x.details,
+                 seed=x.seed, outcomes=outcome_string(x.outcomes))
             for x in results]
 
 
+def sign_test(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar test of a paired change: if the change were as likely to break a
+    problem as to fix one, the probability that the fixed + broken problems whose outcome changed
+    split at least this unevenly. 1.0 when no outcome changed."""
+    if fixed < 0 or broken < 0:
+        raise ValueError(f"sign_test({fixed}, {broken}): counts must be >= 0")
+    m = fixed + broken
+    tail = sum(math.comb(m, i) for i in range(min(fixed, broken) + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
+
+
+def paired_change(before: str | list[bool], after: str | list[bool]) -> tuple[int, int, float]:
+    """(fixed, broken, p) between two runs over the same samples in the same order: samples that
+    failed before and pass now, the reverse, and sign_test's p of that split."""
+    a = [o in (True, "1") for o in before]
+    b = [o in (True, "1") for o in after]
+    if len(a) != len(b):
+        raise ValueError(f"paired_change: {len(a)} outcomes before, {len(b)} now; not the same samples")
+    fixed = sum(not x and y for x, y in zip(a, b))
+    broken = sum(x and not y for x, y in zip(a, b))
+    return fixed, broken, sign_test(fixed, broken)
+
+
 def compare_markdown(results: list[LevelResult], previous: list[dict]) -> str:
-    """The change per level against an earlier levels.json."""
+    """The change per level against an earlier levels.json. Where both scored the same held-out
+    problems (same n and seed, and the earlier file has its outcomes), the change is also paired:
+    problems fixed and broken, and the exact McNemar p of that split (sign_test)."""
     before = {int(p["level"]): p for p in previous}
-    lines = ["| level | before | now | change | has it (before -> now) |", "|---|---|---|---|---|"]
+    lines = ["| level | before | now | change | paired: fixed / broken (p) | has it (before -> now) |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         p = before.get(r.level)
         if p is None:
-            lines.append(f"| L{r.level} | - | {r.score:.1%} | new | - -> {'yes' if r.passed else 'no'} |")
+            lines.append(f"| L{r.level} | - | {r.score:.1%} | new | - | - -> {'yes' if r.passed else 'no'} |")
             continue
         delta = r.score - float(p["score"])
-        lines.append(f"| L{r.level} | {float(p['score']):.1%} | {r.score:.1%} | {delta:+.1%} | "
+        if not isinstance(p.get("outcomes"), str) or not r.outcomes:
+            paired = "-"  # (a levels.json from before outcomes were kept)
+        elif p.get("n") == r.n and p.get("seed") == r.seed and len(p["outcomes"]) == len(r.outcomes):
+            fixed, broken, pv = paired_change(p["outcomes"], r.outcomes)
+            paired = f"{fixed} / {broken} (p = {pv:.2g})"
+        else:
+            paired = "other problems"
+        lines.append(f"| L{r.level} | {float(p['score']):.1%} | {r.score:.1%} | {delta:+.1%} | {paired} | "
                      f"{'yes' if p['passed'] else 'no'} -> {'yes' if r.passed else 'no'} |")
     return "\n".join(lines) + "\n"
 

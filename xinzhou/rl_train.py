@@ -41,7 +41,7 @@ from xinzhou.chat_format import parse_ids, render
 from xinzhou.engine import Engine, Finished, SamplingParams, Token
 from xinzhou.engine.logprobs import logprobs_of
 from xinzhou.errors import CheckpointError, DataError, cli_errors
-from xinzhou.evals import EVAL_MAX_TOKENS, evaluate_level, local_client
+from xinzhou.evals import EVAL_MAX_TOKENS, evaluate_level, local_client, outcome_string
 from xinzhou.optim import make_optimizer
 from xinzhou.tokenizer import Tokenizer
 from xinzhou.train import (build_model, check_run_dir, cosine_lr, keep_freed_memory, load_trainer_state,
@@ -119,10 +119,13 @@ class Rollout:
     group: int
 
 
-def _pass_rate(model: torch.nn.Module, tok: Tokenizer, level: int, n: int) -> float:
-    """The level's held-out score now (a fresh client: the weights have changed since the last one)."""
+def _held_out(model: torch.nn.Module, tok: Tokenizer, level: int, n: int) -> dict:
+    """The level's held-out score now, and the outcome of each problem (a string of 1 and 0, the
+    form levels.json keeps, so that a report can pair them): a fresh client, the weights have
+    changed since the last one."""
     with local_client(model, tok) as client:
-        return evaluate_level(client, level, n=n).score
+        r = evaluate_level(client, level, n=n)
+    return dict(pass_rate=r.score, outcomes=outcome_string(r.outcomes))
 
 
 def _level_of(family: str) -> int:
@@ -243,7 +246,7 @@ def rl_train(cfg: RLConfig) -> Path:
         bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.loss} {cfg.task}", unit="step",
                    mininterval=0.5 if sys.stderr.isatty() else 15.0)
     if start == 0:  # the held-out pass rate before any update: the curve's first point
-        log_metrics(metrics, dict(step=-1, pass_rate=_pass_rate(model, tok, level, cfg.eval_n)))
+        log_metrics(metrics, dict(step=-1, **_held_out(model, tok, level, cfg.eval_n)))
     t0 = time.time()
     for step in range(start, cfg.steps):
         lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -286,7 +289,7 @@ def rl_train(cfg: RLConfig) -> Path:
                 row[key] = sum(s[key] for s in stats_rows) / len(stats_rows)
             row["masked_fraction"] = sum(s.get("masked_fraction", 0.0) for s in stats_rows) / len(stats_rows)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
-            row["pass_rate"] = _pass_rate(model, tok, level, cfg.eval_n)
+            row.update(_held_out(model, tok, level, cfg.eval_n))
         row["elapsed_s"] = time.time() - t0
         log_metrics(metrics, row)
         if bar is not None:
