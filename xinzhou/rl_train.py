@@ -333,21 +333,21 @@ def plot_rl(metrics: Path, png: Path, title: str = "") -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, rl.png, ckpt/ (a run there resumes)")
     for f in dataclasses.fields(RLConfig):
         if f.name in ("model", "out_dir", "progress"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, shown = "--" + f.name.replace("_", "-"), "default: %(default)s"
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=shown)
         elif f.type == "float | None":
-            p.add_argument(flag, type=float, default=f.default)
+            p.add_argument(flag, type=float, default=f.default, help="default: the loss's own (see xinzhou.rl)")
         elif f.name == "loss":
-            p.add_argument(flag, choices=LOSSES, default=f.default)
+            p.add_argument(flag, choices=LOSSES, default=f.default, help=shown)
         elif f.name == "task":
-            p.add_argument(flag, choices=list(tasks.FAMILIES), default=f.default)
+            p.add_argument(flag, choices=list(tasks.FAMILIES), default=f.default, help=shown)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+            p.add_argument(flag, type=type(f.default), default=f.default, help=shown)
 
 
 def config_from_args(args: argparse.Namespace) -> RLConfig:
