@@ -16,7 +16,7 @@ from pathlib import Path
 from xinzhou.cli import RECIPES, speedrun
 from xinzhou.engine.logprobs import token_logprobs
 from xinzhou.hf import load_hf
-from xinzhou.tasks import drill_text
+from xinzhou.tasks import drill_text, recall
 from xinzhou.tokenizer import Tokenizer
 
 
@@ -35,6 +35,25 @@ def copy_loss(ckpt: Path, tok: Tokenizer, n: int = 20) -> tuple[float, float]:
     return sum(first) / n, sum(later) / n
 
 
+def spaced_key_lookups() -> None:
+    """--kv-spaced-query: L1's key lookups rewritten so that each key is the same token in the list
+    and in the question. In L1's own form the list's keys are ' f' (space, letter: one token after
+    the first pair) and the question's is 'f', two tokens the model must learn are the same key.
+    Applies to the SFT samples and the held-out ones alike (both come from recall.generate)."""
+    original = recall.generate
+
+    def generate(*a, **k):
+        out = []
+        for s in original(*a, **k):
+            if s.meta.get("kind") == "kv":
+                pairs, question = s.messages[-1]["content"].split("\n")
+                s = dataclasses.replace(s, messages=[{"role": "user", "content": f" {pairs}\n {question}"}])
+            out.append(s)
+        return out
+
+    recall.generate = generate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizer", choices=("adamw", "muon"), default="muon")
@@ -49,10 +68,15 @@ def main() -> None:
     ap.add_argument("--sft-drills", type=int, default=0, help="copying drills kept in the SFT mix")
     ap.add_argument("--kv-thinking", choices=("none", "scan", "pair"), default="none",
                     help="the thinking of L1's key-lookup demonstrations (xinzhou/tasks/recall.py)")
+    ap.add_argument("--kv-spaced-query", action="store_true",
+                    help="key lookups (trained and held out) that write every key as one token form: ' f' "
+                         "in the list and in the question (' c=ocean f=mango\\n f?'), where L1 writes 'f?'")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.kv_spaced_query:
+        spaced_key_lookups()
     mix = (RECIPES["tiny"].sft_mix if args.sft_mix == "full"
            else {k: int(v) for k, v in (part.split("=") for part in args.sft_mix.split(","))})
     r = dataclasses.replace(RECIPES["tiny"], optimizer=args.optimizer, pretrain_drills=args.drills,
