@@ -43,7 +43,7 @@ from xinzhou.chat_format import render_text
 from xinzhou.config import ModelConfig, preset
 from xinzhou.data import read_corpus, tokenize_docs, write_shards
 from xinzhou.errors import CheckpointError, DataError, OutputError, cli_errors
-from xinzhou.evals import capability_report, plot_levels, report_markdown
+from xinzhou.evals import capability_report, paired_change, plot_levels, report_markdown
 from xinzhou.hf import load_hf
 from xinzhou.tokenizer import Tokenizer, train_tokenizer
 from xinzhou.train import TrainConfig, _read_metrics, check_run_dir, train
@@ -227,8 +227,6 @@ def curve_point(model: torch.nn.Module, tok: Tokenizer, step: int, t0: float, n:
 def rl_markdown(cfg: rl_train.RLConfig, rl_dir: Path, results: list, minutes: float) -> str:
     """The RL stage's section of the report: its level's held-out score before RL (rl_train scores
     it before the first step) and after (the report's, on the same problems)."""
-    from xinzhou.evals import paired_change
-
     level = next(x for x in results if x.family == cfg.task)
     first = next(row for row in _read_metrics(rl_dir / "metrics.jsonl") if row["step"] == -1)
     fixed, broken, p = paired_change(first["outcomes"], level.outcomes)

@@ -33,13 +33,13 @@ def table(paths: list[Path]) -> str:
     lines = ["| run | step | n | pass rate (95% CI) | change | fixed / broken | p |", "|---|---|---|---|---|---|---|"]
     for path in paths:
         scored = rows(path)
-        start = scored[0]
+        start = scored[0]["outcomes"]
         for r in scored:
             n, k = len(r["outcomes"]), r["outcomes"].count("1")
             lo, hi = wilson(k, n)
-            fixed, broken, p = paired_change(start["outcomes"], r["outcomes"])
+            fixed, broken, p = paired_change(start, r["outcomes"])  # (raises if n differs)
             lines.append(f"| {path.parent.name} | {r['step'] + 1} | {n} | {k / n:.2%} ({lo:.1%}-{hi:.1%}) | "
-                         f"{k / n - start['pass_rate']:+.2%} | {fixed} / {broken} | {p:.2g} |")
+                         f"{(fixed - broken) / n:+.2%} | {fixed} / {broken} | {p:.2g} |")
     return "\n".join(lines) + "\n"
 
 
