@@ -30,9 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from xinzhou.config import preset
-from xinzhou.model import XinzhouLM
-from xinzhou.optim import make_optimizer
+from run import tiny_model, train_on_rows  # experiments/induction/run.py: the same shape and loop
 
 KEYS, VALUES, SEP, BAR = range(300, 340), range(400, 500), 299, 298
 
@@ -52,22 +50,21 @@ def kv_row(rng: random.Random, pairs: int, sep: bool) -> tuple[list[int], list[i
     return row, answers
 
 
-def induction_row(rng: random.Random, length: int, ids: range | list[int] = VALUES) -> tuple[list[int], list[int]]:
+def induction_row(rng: random.Random, length: int, ids: range | list[int] = VALUES) -> list[int]:
     """A random sequence of 6-16 `ids` written over and over (copying by content; no queries)."""
     row: list[int] = []
     while len(row) < length:
         row += rng.choices(ids, k=rng.randint(6, 16)) * 4
-    return row[:length], []
+    return row[:length]
 
 
 def batch(rng: random.Random, n: int, pairs: int, sep: bool, induction: int = 0,
           copy_ids: range | list[int] = VALUES) -> tuple[torch.Tensor, ...]:
     length = 2 * pairs * (3 if sep else 2) + 1
-    rows, answers = zip(*[kv_row(rng, pairs, sep) for _ in range(n - induction)]
-                        + [induction_row(rng, length, copy_ids) for _ in range(induction)])
-    ids = torch.tensor(rows)
+    lookups = [kv_row(rng, pairs, sep) for _ in range(n - induction)]
+    ids = torch.tensor([row for row, _ in lookups] + [induction_row(rng, length, copy_ids) for _ in range(induction)])
     is_answer = torch.zeros_like(ids, dtype=torch.bool)
-    for b, pos in enumerate(answers):
+    for b, (_, pos) in enumerate(lookups):
         is_answer[b, pos] = True
     return ids[:, :-1], ids[:, 1:], is_answer[:, 1:]
 
@@ -75,33 +72,28 @@ def batch(rng: random.Random, n: int, pairs: int, sep: bool, induction: int = 0,
 def run(layers: str, sep: bool, pairs: int, steps: int, lr: float, opt_kind: str, seed: int, every: int,
         hidden: int, heads: int, induction: int, copy_keys: bool = False) -> list[dict]:
     torch.manual_seed(seed)
-    cfg = preset("tiny", vocab_size=1024, hidden_size=hidden, num_heads=heads, num_kv_heads=max(1, heads // 2),
-                 head_dim=hidden // heads, rotary_dim=hidden // heads, expert_dim=2 * hidden,
-                 layer_types=tuple({"L": "lightning", "S": "softmax"}[c] for c in layers))
-    model = XinzhouLM(cfg)
-    opt = make_optimizer(model, lr, 0.0, (0.9, 0.95), kind=opt_kind)
+    model = tiny_model(layers, hidden_size=hidden, num_heads=heads, num_kv_heads=max(1, heads // 2),
+                       head_dim=hidden // heads, rotary_dim=hidden // heads, expert_dim=2 * hidden)
     rng, held = random.Random(seed), random.Random(10_000 + seed)
     ex, ey, emask = batch(held, 64, pairs, sep)
-    ix, iy, _ = batch(held, 16, pairs, sep, induction=16)  # copying rows, for comparison
-    curve, t0 = [], time.time()
-    for step in range(1, steps + 1):
-        x, y, _ = batch(rng, 16, pairs, sep, induction, [*KEYS, *VALUES] if copy_keys else VALUES)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % every == 0 or step == steps:
-            with torch.no_grad():
-                logits = model(ex)[emask]
-                copy_loss = F.cross_entropy(model(ix)[:, -len(ix[0]) // 2:].flatten(0, 1), iy[:, -len(ix[0]) // 2:].flatten())
-            point = {"step": step, "seconds": round(time.time() - t0, 1), "copy_loss": round(copy_loss.item(), 3),
-                     "loss": round(F.cross_entropy(logits, ey[emask]).item(), 3),
-                     "accuracy": round((logits.argmax(-1) == ey[emask]).float().mean().item(), 4)}
-            curve.append(point)
-            print(f"{layers} {'sep' if sep else 'no-sep'} step {step:4d} ({point['seconds']:5.0f} s): "
-                  f"query values: loss {point['loss']:.2f}, accuracy {100 * point['accuracy']:.1f}%; "
-                  f"second half of copying rows: loss {point['copy_loss']:.2f}", flush=True)
-    return curve
+    ix, iy, _ = batch(held, 16, pairs, sep, induction=16)  # held-out copying rows (value ids), for comparison
+    half = ix.shape[1] // 2  # the second half of a copying row is all copies
+    copy_ids = [*KEYS, *VALUES] if copy_keys else VALUES
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        return batch(rng, 16, pairs, sep, induction, copy_ids)[:2]
+
+    def evaluate(step: int, seconds: float) -> dict:
+        logits = model(ex)[emask]
+        point = {"copy_loss": round(F.cross_entropy(model(ix)[:, half:].flatten(0, 1), iy[:, half:].flatten()).item(), 3),
+                 "loss": round(F.cross_entropy(logits, ey[emask]).item(), 3),
+                 "accuracy": round((logits.argmax(-1) == ey[emask]).float().mean().item(), 4)}
+        print(f"{layers} {'sep' if sep else 'no-sep'} step {step:4d} ({seconds:5.0f} s): "
+              f"query values: loss {point['loss']:.2f}, accuracy {100 * point['accuracy']:.1f}%; "
+              f"second half of copying rows: loss {point['copy_loss']:.2f}", flush=True)
+        return point
+
+    return train_on_rows(model, opt_kind, lr, steps, every, draw, evaluate)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,32 +54,50 @@ def batch(rng: random.Random, n_period: int, n_induction: int, hi: int) -> tuple
     return rows[:, :-1], rows[:, 1:]
 
 
-def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, opt_kind: str,
-        period_rows: int = 8, hi: int = 800) -> list[dict]:
-    torch.manual_seed(seed)
-    cfg = preset("tiny", vocab_size=1024, hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
-                 layer_types=tuple({"L": "lightning", "S": "softmax"}[c] for c in layers), initializer_range=init)
-    model = XinzhouLM(cfg)
-    # no weight decay here; with "muon", Muon at lr 0.02 for the hidden matrices, AdamW at lr for the rest
+def tiny_model(layers: str, **overrides: object) -> XinzhouLM:
+    """The speedrun's tiny shape (hidden 128, 4 heads of 32, 4 experts of 256) with the given layer
+    pattern ("L" lightning, "S" softmax, one letter per layer) and any field overridden."""
+    shape = dict(vocab_size=1024, hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256) | overrides
+    return XinzhouLM(preset("tiny", layer_types=tuple({"L": "lightning", "S": "softmax"}[c] for c in layers), **shape))
+
+
+def train_on_rows(model: XinzhouLM, opt_kind: str, lr: float, steps: int, every: int,
+                  draw: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  evaluate: Callable[[int, float], dict]) -> list[dict]:
+    """Train on every token of the rows `draw()` returns (inputs, targets), without weight decay
+    (with "muon": Muon at lr 0.02 for the hidden matrices, AdamW at `lr` for the rest); every
+    `every` steps and at the end, add `evaluate(step, seconds)` (under no_grad) to the curve."""
     opt = make_optimizer(model, lr, 0.0, (0.9, 0.95), kind=opt_kind)
-    rng, held = random.Random(seed), random.Random(10_000 + seed)
-    eval_period, eval_induction = batch(held, 16, 0, hi), batch(held, 0, 16, hi)
     curve, t0 = [], time.time()
     for step in range(1, steps + 1):
-        x, y = batch(rng, period_rows, 16 - period_rows, hi)
+        x, y = draw()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % every == 0 or step == steps:
+            seconds = round(time.time() - t0, 1)
             with torch.no_grad():
-                point = {"step": step, "seconds": round(time.time() - t0, 1)}
-                for name, (ex, ey) in (("period", eval_period), ("induction", eval_induction)):
-                    point[name] = round(F.cross_entropy(model(ex).flatten(0, 1), ey.flatten()).item(), 3)
-            curve.append(point)
-            print(f"{opt_kind} init {init} step {step:4d} ({point['seconds']:5.0f} s): held-out loss period-2 "
-                  f"{point['period']:.2f}, induction {point['induction']:.2f}", flush=True)
+                curve.append({"step": step, "seconds": seconds} | evaluate(step, seconds))
     return curve
+
+
+def run(init: float, steps: int, lr: float, layers: str, seed: int, every: int, opt_kind: str,
+        period_rows: int = 8, hi: int = 800) -> list[dict]:
+    torch.manual_seed(seed)
+    model = tiny_model(layers, initializer_range=init)
+    rng, held = random.Random(seed), random.Random(10_000 + seed)
+    eval_period, eval_induction = batch(held, 16, 0, hi), batch(held, 0, 16, hi)
+
+    def evaluate(step: int, seconds: float) -> dict:
+        point = {name: round(F.cross_entropy(model(ex).flatten(0, 1), ey.flatten()).item(), 3)
+                 for name, (ex, ey) in (("period", eval_period), ("induction", eval_induction))}
+        print(f"{opt_kind} init {init} step {step:4d} ({seconds:5.0f} s): held-out loss period-2 "
+              f"{point['period']:.2f}, induction {point['induction']:.2f}", flush=True)
+        return point
+
+    return train_on_rows(model, opt_kind, lr, steps, every, lambda: batch(rng, period_rows, 16 - period_rows, hi),
+                         evaluate)
 
 
 def main() -> None:
