@@ -69,11 +69,33 @@ def batch(rng: random.Random, n: int, pairs: int, sep: bool, induction: int = 0,
     return ids[:, :-1], ids[:, 1:], is_answer[:, 1:]
 
 
+class LlamaControl(torch.nn.Module):
+    """transformers' Llama (pre-norm, RoPE, dense SwiGLU, plain residual) at the same width and number
+    of heads: a standard transformer trained on the same rows, as an outside reference."""
+
+    def __init__(self, layers: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+        self.lm = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=4 * hidden,
+                                               num_hidden_layers=layers, num_attention_heads=heads,
+                                               num_key_value_heads=heads, max_position_embeddings=512))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits
+
+
 def run(layers: str, sep: bool, pairs: int, steps: int, lr: float, opt_kind: str, seed: int, every: int,
-        hidden: int, heads: int, induction: int, copy_keys: bool = False) -> list[dict]:
+        hidden: int, heads: int, induction: int, copy_keys: bool = False, arch: str = "xinzhou",
+        overrides: dict | None = None) -> list[dict]:
     torch.manual_seed(seed)
-    model = tiny_model(layers, hidden_size=hidden, num_heads=heads, num_kv_heads=max(1, heads // 2),
-                       head_dim=hidden // heads, rotary_dim=hidden // heads, expert_dim=2 * hidden)
+    if arch == "llama":
+        if opt_kind != "adamw":
+            raise SystemExit("--arch llama trains with --opt adamw only (Muon's parameter split is xinzhou's)")
+        model = LlamaControl(len(layers), hidden, heads)
+    else:
+        model = tiny_model(layers, **dict(hidden_size=hidden, num_heads=heads, num_kv_heads=max(1, heads // 2),
+                                          head_dim=hidden // heads, rotary_dim=hidden // heads,
+                                          expert_dim=2 * hidden) | (overrides or {}))
     rng, held = random.Random(seed), random.Random(10_000 + seed)
     ex, ey, emask = batch(held, 64, pairs, sep)
     ix, iy, _ = batch(held, 16, pairs, sep, induction=16)  # held-out copying rows (value ids), for comparison
@@ -88,7 +110,7 @@ def run(layers: str, sep: bool, pairs: int, steps: int, lr: float, opt_kind: str
         point = {"copy_loss": round(F.cross_entropy(model(ix)[:, half:].flatten(0, 1), iy[:, half:].flatten()).item(), 3),
                  "loss": round(F.cross_entropy(logits, ey[emask]).item(), 3),
                  "accuracy": round((logits.argmax(-1) == ey[emask]).float().mean().item(), 4)}
-        print(f"{layers} {'sep' if sep else 'no-sep'} step {step:4d} ({seconds:5.0f} s): "
+        print(f"{'llama ' if arch == 'llama' else ''}{layers} {'sep' if sep else 'no-sep'} step {step:4d} ({seconds:5.0f} s): "
               f"query values: loss {point['loss']:.2f}, accuracy {100 * point['accuracy']:.1f}%; "
               f"second half of copying rows: loss {point['copy_loss']:.2f}", flush=True)
         return point
@@ -108,6 +130,10 @@ def main() -> None:
                     help="rows of the 16 per step that repeat a random sequence (copying) instead of key lookups")
     ap.add_argument("--copy-keys", action="store_true",
                     help="copying rows draw from the key ids too (by default only from the value ids)")
+    ap.add_argument("--arch", choices=("xinzhou", "llama"), default="xinzhou",
+                    help="llama: transformers' Llama with as many layers as --layers has letters (a control)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=JSON",
+                    help="override a field of the xinzhou model's config, e.g. residual='\"prenorm\"' or num_experts=1")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW rate (Muon, for hidden matrices, at 0.02)")
     ap.add_argument("--opt", choices=("adamw", "muon"), default="muon")
@@ -115,11 +141,18 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    overrides = {}
+    for item in args.overrides:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--set {item!r}: the value must be JSON ({e})") from None
     curve = run(args.layers, args.sep, args.pairs, args.steps, args.lr, args.opt, args.seed, args.every,
-                args.hidden, args.heads, args.induction_rows, args.copy_keys)
+                args.hidden, args.heads, args.induction_rows, args.copy_keys, args.arch, overrides)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = (f"kv-{args.layers}-{'sep' if args.sep else 'nosep'}-h{args.hidden}-ind{args.induction_rows}"
+        name = (f"kv-{'llama-' if args.arch == 'llama' else ''}{args.layers}-{'sep' if args.sep else 'nosep'}-h{args.hidden}-ind{args.induction_rows}"
                 f"{'-copykeys' if args.copy_keys else ''}-seed{args.seed}")
         (args.out / f"{name}.json").write_text(json.dumps(dict(vars(args), out=str(args.out), curve=curve), indent=2))
 
