@@ -11,6 +11,7 @@ last lines print whether the pretrained and the SFT model copy at all (copy_loss
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from xinzhou.cli import RECIPES, speedrun
@@ -73,13 +74,22 @@ def main() -> None:
                          "in the list and in the question (' c=ocean f=mango\\n f?'), where L1 writes 'f?'")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-set", dest="model_set", action="append", default=[], metavar="FIELD=JSON",
+                    help="override a field of the recipe's model, e.g. layer_types='[\"softmax\",\"softmax\"]'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    model = dict(RECIPES["tiny"].model)
+    for item in args.model_set:
+        name, _, value = item.partition("=")
+        try:
+            model[name] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--model-set {item!r}: the value must be JSON ({e})") from None
     if args.kv_spaced_query:
         spaced_key_lookups()
     mix = (RECIPES["tiny"].sft_mix if args.sft_mix == "full"
            else {k: int(v) for k, v in (part.split("=") for part in args.sft_mix.split(","))})
-    r = dataclasses.replace(RECIPES["tiny"], optimizer=args.optimizer, pretrain_drills=args.drills,
+    r = dataclasses.replace(RECIPES["tiny"], model=model, optimizer=args.optimizer, pretrain_drills=args.drills,
                             pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
