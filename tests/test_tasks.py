@@ -46,7 +46,8 @@ def test_gold_target_verifies(family: str) -> None:
     for s in generate(family, "train", 200, seed=0) + generate(family, "test", 100, seed=0):
         assert s.family == family and s.level == FAMILIES[family].LEVEL
         final = s.target[-1]
-        assert final["role"] == "assistant" and final["content"] == s.answer
+        spaced = s.meta.get("kind") == "repeat"  # a copied sequence keeps the prompt's space (recall)
+        assert final["role"] == "assistant" and final["content"] == (f" {s.answer}" if spaced else s.answer)
         assert verify(s, gold_parsed(final))
         assert conversation(s)[: len(s.messages)] == s.messages
 
@@ -94,6 +95,9 @@ def test_recall_rejects_wrong_word() -> None:
         prompt = user_text(s)
         if s.meta["kind"] == "repeat":
             assert s.answer == prompt.removeprefix("Repeat: ")
+            # the demonstration writes each word as the prompt does, with its space; either form passes
+            assert s.target[0]["content"] == f" {s.answer}" and prompt.endswith(s.target[0]["content"])
+            assert verify(s, answer_only(s.answer)) and verify(s, answer_only(f" {s.answer}"))
             assert not verify(s, answer_only(" ".join(s.answer.split()[:-1])))
         else:
             wrong = next(w for w in ("apple", "river") if w != s.answer)

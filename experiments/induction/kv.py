@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from run import tiny_model, train_on_rows  # experiments/induction/run.py: the same shape and loop
+from run import parse_overrides, tiny_model, train_on_rows  # experiments/induction/run.py: the same shape and loop
 
 KEYS, VALUES, SEP, BAR = range(300, 340), range(400, 500), 299, 298
 
@@ -141,13 +141,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    overrides = {}
-    for item in args.overrides:
-        field, _, value = item.partition("=")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--set {item!r}: the value must be JSON ({e})") from None
+    overrides = parse_overrides(args.overrides, "--set")
     curve = run(args.layers, args.sep, args.pairs, args.steps, args.lr, args.opt, args.seed, args.every,
                 args.hidden, args.heads, args.induction_rows, args.copy_keys, args.arch, overrides)
     if args.out is not None:

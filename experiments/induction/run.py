@@ -61,6 +61,18 @@ def tiny_model(layers: str, **overrides: object) -> XinzhouLM:
     return XinzhouLM(preset("tiny", layer_types=tuple({"L": "lightning", "S": "softmax"}[c] for c in layers), **shape))
 
 
+def parse_overrides(items: list[str], flag: str) -> dict:
+    """`FIELD=JSON` strings (a repeated command-line option) -> {field: value}."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{flag} {item!r}: the value must be JSON ({e})") from None
+    return out
+
+
 def train_on_rows(model: XinzhouLM, opt_kind: str, lr: float, steps: int, every: int,
                   draw: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                   evaluate: Callable[[int, float], dict]) -> list[dict]:

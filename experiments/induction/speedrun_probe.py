@@ -11,7 +11,6 @@ last lines print whether the pretrained and the SFT model copy at all (copy_loss
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from xinzhou.cli import RECIPES, speedrun
@@ -19,6 +18,8 @@ from xinzhou.engine.logprobs import token_logprobs
 from xinzhou.hf import load_hf
 from xinzhou.tasks import drill_text, recall
 from xinzhou.tokenizer import Tokenizer
+
+from run import parse_overrides  # experiments/induction/run.py
 
 
 def copy_loss(ckpt: Path, tok: Tokenizer, n: int = 20) -> tuple[float, float]:
@@ -78,13 +79,7 @@ def main() -> None:
                     help="override a field of the recipe's model, e.g. layer_types='[\"softmax\",\"softmax\"]'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    model = dict(RECIPES["tiny"].model)
-    for item in args.model_set:
-        name, _, value = item.partition("=")
-        try:
-            model[name] = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--model-set {item!r}: the value must be JSON ({e})") from None
+    model = dict(RECIPES["tiny"].model) | parse_overrides(args.model_set, "--model-set")
     if args.kv_spaced_query:
         spaced_key_lookups()
     mix = (RECIPES["tiny"].sft_mix if args.sft_mix == "full"

@@ -3,6 +3,11 @@
     Repeat: tiger apple stone        -> tiger apple stone
     c=ocean f=mango a=lemon\nf?      -> mango
 
+A copy is demonstrated with the space its words have in the prompt (" tiger apple stone"), so
+that every word of the answer is the same token as in the prompt and copying is the same step
+from the first word to the last (unspaced, the first word is another token, and a model that
+copies the rest can miss it); the verifier strips the space, so either form passes.
+
 `generate(..., thinking=...)` chooses what a key lookup's demonstration thinks (the problems and
 answers are the same whatever it is):
 
@@ -54,7 +59,9 @@ def generate(
         kind = "repeat" if prompt.startswith("Repeat: ") else "kv"
         return Sample(
             messages=[{"role": "user", "content": prompt}],
-            target=[assistant(answer, THINKING[thinking](prompt) if kind == "kv" else "")],
+            # a copied sequence starts with the space the prompt's words have (" tiger apple"), so that
+            # every word of the answer is the token it is in the prompt; verify strips it
+            target=[assistant(answer if kind == "kv" else f" {answer}", THINKING[thinking](prompt) if kind == "kv" else "")],
             answer=answer,
             level=LEVEL,
             family=FAMILY,
