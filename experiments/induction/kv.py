@@ -91,11 +91,13 @@ def run(layers: str, sep: bool, pairs: int, steps: int, lr: float, opt_kind: str
     if arch == "llama":
         if opt_kind != "adamw":
             raise SystemExit("--arch llama trains with --opt adamw only (Muon's parameter split is xinzhou's)")
+        if overrides:
+            raise SystemExit("--set changes xinzhou's config; --arch llama has none")
         model = LlamaControl(len(layers), hidden, heads)
     else:
-        model = tiny_model(layers, **dict(hidden_size=hidden, num_heads=heads, num_kv_heads=max(1, heads // 2),
-                                          head_dim=hidden // heads, rotary_dim=hidden // heads,
-                                          expert_dim=2 * hidden) | (overrides or {}))
+        shape = dict(hidden_size=hidden, num_heads=heads, num_kv_heads=max(1, heads // 2), head_dim=hidden // heads,
+                     rotary_dim=hidden // heads, expert_dim=2 * hidden)
+        model = tiny_model(layers, **shape | (overrides or {}))
     rng, held = random.Random(seed), random.Random(10_000 + seed)
     ex, ey, emask = batch(held, 64, pairs, sep)
     ix, iy, _ = batch(held, 16, pairs, sep, induction=16)  # held-out copying rows (value ids), for comparison

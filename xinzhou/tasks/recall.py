@@ -57,11 +57,13 @@ def generate(
     def build(p: tuple[str, str], rng: random.Random) -> Sample:
         prompt, answer = p
         kind = "repeat" if prompt.startswith("Repeat: ") else "kv"
+        if kind == "repeat":  # the prompt's words with their spaces (module doc); verify strips the space
+            content, reasoning = prompt.removeprefix("Repeat:"), ""
+        else:
+            content, reasoning = answer, THINKING[thinking](prompt)
         return Sample(
             messages=[{"role": "user", "content": prompt}],
-            # a copied sequence starts with the space the prompt's words have (" tiger apple"), so that
-            # every word of the answer is the token it is in the prompt; verify strips it
-            target=[assistant(answer if kind == "kv" else f" {answer}", THINKING[thinking](prompt) if kind == "kv" else "")],
+            target=[assistant(content, reasoning)],
             answer=answer,
             level=LEVEL,
             family=FAMILY,
