@@ -10,7 +10,10 @@ names the right value:
 
 After the list every key is asked once, in a random order, so a query's value can only come from
 the list, never from an earlier query. Training predicts every token; the score is the argmax
-accuracy on the queries' values (chance: 1 / pairs, for a model that picks a listed value).
+accuracy on the queries' values (chance: 1 / pairs, for a model that picks a listed value; a
+model that picks a listed value not asked yet in the row scores (1/6 + 1/5 + ... + 1/1) / 6 =
+40.8% at 6 pairs without matching a key, so the accuracy of each query by its order is printed
+too: the first query's is lookup alone).
 Without a separator, a query's value follows its key as in the list (an induction step: match
 the current token, copy what came after it). With one, the token before the value is the same
 separator in every pair, so the model must match the token two back: what `=` does in L1.
@@ -36,7 +39,7 @@ KEYS, VALUES, SEP, BAR = range(300, 340), range(400, 500), 299, 298
 
 
 def kv_row(rng: random.Random, pairs: int, sep: bool) -> tuple[list[int], list[int]]:
-    """One row and the positions (in the row) of its queries' values."""
+    """One row and the positions (in the row) of its queries' values, in the order asked."""
     keys, values = rng.sample(KEYS, pairs), rng.choices(VALUES, k=pairs)
 
     def pair(k: int, v: int) -> list[int]:
@@ -63,10 +66,10 @@ def batch(rng: random.Random, n: int, pairs: int, sep: bool, induction: int = 0,
     length = 2 * pairs * (3 if sep else 2) + 1
     lookups = [kv_row(rng, pairs, sep) for _ in range(n - induction)]
     ids = torch.tensor([row for row, _ in lookups] + [induction_row(rng, length, copy_ids) for _ in range(induction)])
-    is_answer = torch.zeros_like(ids, dtype=torch.bool)
-    for b, (_, pos) in enumerate(lookups):
-        is_answer[b, pos] = True
-    return ids[:, :-1], ids[:, 1:], is_answer[:, 1:]
+    order = torch.full_like(ids, -1)  # at each query's value: 0 for the first query of the row, 1, ...; else -1
+    for b, (_, answers) in enumerate(lookups):
+        order[b, answers] = torch.arange(len(answers))
+    return ids[:, :-1], ids[:, 1:], order[:, 1:]
 
 
 class LlamaControl(torch.nn.Module):
@@ -86,7 +89,8 @@ class LlamaControl(torch.nn.Module):
 
 def run(layers: str, sep: bool, pairs: int, steps: int, lr: float, opt_kind: str, seed: int, every: int,
         hidden: int, heads: int, induction: int, copy_keys: bool = False, arch: str = "xinzhou",
-        overrides: dict | None = None) -> list[dict]:
+        overrides: dict | None = None, rows: int = 16, muon_lr: float = 0.02, no_sep_first: int = 0,
+        no_sep_every: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     if arch == "llama":
         if opt_kind != "adamw":
@@ -99,25 +103,34 @@ def run(layers: str, sep: bool, pairs: int, steps: int, lr: float, opt_kind: str
                      rotary_dim=hidden // heads, expert_dim=2 * hidden)
         model = tiny_model(layers, **shape | (overrides or {}))
     rng, held = random.Random(seed), random.Random(10_000 + seed)
-    ex, ey, emask = batch(held, 64, pairs, sep)
+    ex, ey, eorder = batch(held, 64, pairs, sep)
+    emask = eorder >= 0
     ix, iy, _ = batch(held, 16, pairs, sep, induction=16)  # held-out copying rows (value ids), for comparison
     half = ix.shape[1] // 2  # the second half of a copying row is all copies
     copy_ids = [*KEYS, *VALUES] if copy_keys else VALUES
 
+    drawn = 0
+
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        return batch(rng, 16, pairs, sep, induction, copy_ids)[:2]
+        nonlocal drawn  # without the separator: the first no_sep_first steps, and every no_sep_every-th step
+        drawn += 1
+        plain = drawn <= no_sep_first or (no_sep_every and drawn % no_sep_every == 0)
+        return batch(rng, rows, pairs, sep and not plain, induction, copy_ids)[:2]
 
     def evaluate(step: int, seconds: float) -> dict:
         logits = model(ex)[emask]
+        right = logits.argmax(-1) == ey[emask]
         point = {"copy_loss": round(F.cross_entropy(model(ix)[:, half:].flatten(0, 1), iy[:, half:].flatten()).item(), 3),
                  "loss": round(F.cross_entropy(logits, ey[emask]).item(), 3),
-                 "accuracy": round((logits.argmax(-1) == ey[emask]).float().mean().item(), 4)}
+                 "accuracy": round(right.float().mean().item(), 4),
+                 "accuracy_by_order": [round(right[eorder[emask] == i].float().mean().item(), 3) for i in range(pairs)]}
         print(f"{'llama ' if arch == 'llama' else ''}{layers} {'sep' if sep else 'no-sep'} step {step:4d} ({seconds:5.0f} s): "
-              f"query values: loss {point['loss']:.2f}, accuracy {100 * point['accuracy']:.1f}%; "
+              f"query values: loss {point['loss']:.2f}, accuracy {100 * point['accuracy']:.1f}% "
+              f"(1st, 2nd, ... query: {' '.join(f'{100 * a:.0f}' for a in point['accuracy_by_order'])}); "
               f"second half of copying rows: loss {point['copy_loss']:.2f}", flush=True)
         return point
 
-    return train_on_rows(model, opt_kind, lr, steps, every, draw, evaluate)
+    return train_on_rows(model, opt_kind, lr, steps, every, draw, evaluate, muon_lr)
 
 
 def main() -> None:
@@ -125,11 +138,16 @@ def main() -> None:
     ap.add_argument("--layers", default="LSLS", help="L = lightning, S = softmax, one letter per layer")
     ap.add_argument("--sep", action=argparse.BooleanOptionalAction, default=True,
                     help="a separator id between each key and its value (as '=' in L1)")
+    ap.add_argument("--no-sep-first", type=int, default=0, metavar="STEPS",
+                    help="train the first STEPS steps on rows without the separator (a curriculum; scored as --sep says)")
+    ap.add_argument("--no-sep-every", type=int, default=0, metavar="K",
+                    help="train every K-th step on rows without the separator (a mix; scored as --sep says)")
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--induction-rows", type=int, choices=range(0, 16), default=0, metavar="0..15",
-                    help="rows of the 16 per step that repeat a random sequence (copying) instead of key lookups")
+    ap.add_argument("--rows", type=int, default=16, help="rows per training step")
+    ap.add_argument("--induction-rows", type=int, default=0, metavar="N",
+                    help="rows of each step that repeat a random sequence (copying) instead of key lookups")
     ap.add_argument("--copy-keys", action="store_true",
                     help="copying rows draw from the key ids too (by default only from the value ids)")
     ap.add_argument("--arch", choices=("xinzhou", "llama"), default="xinzhou",
@@ -137,15 +155,19 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=JSON",
                     help="override a field of the xinzhou model's config, e.g. residual='\"prenorm\"' or num_experts=1")
     ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW rate (Muon, for hidden matrices, at 0.02)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW rate")
+    ap.add_argument("--muon-lr", type=float, default=0.02, help="Muon's rate for the hidden matrices (--opt muon)")
     ap.add_argument("--opt", choices=("adamw", "muon"), default="muon")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     overrides = parse_overrides(args.overrides, "--set")
+    if not 0 <= args.induction_rows < args.rows:
+        raise SystemExit(f"--induction-rows {args.induction_rows}: expected 0 to {args.rows - 1} (--rows {args.rows})")
     curve = run(args.layers, args.sep, args.pairs, args.steps, args.lr, args.opt, args.seed, args.every,
-                args.hidden, args.heads, args.induction_rows, args.copy_keys, args.arch, overrides)
+                args.hidden, args.heads, args.induction_rows, args.copy_keys, args.arch, overrides,
+                args.rows, args.muon_lr, args.no_sep_first, args.no_sep_every)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         name = (f"kv-{'llama-' if args.arch == 'llama' else ''}{args.layers}-{'sep' if args.sep else 'nosep'}-h{args.hidden}-ind{args.induction_rows}"

@@ -75,11 +75,11 @@ def parse_overrides(items: list[str], flag: str) -> dict:
 
 def train_on_rows(model: XinzhouLM, opt_kind: str, lr: float, steps: int, every: int,
                   draw: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                  evaluate: Callable[[int, float], dict]) -> list[dict]:
+                  evaluate: Callable[[int, float], dict], muon_lr: float = 0.02) -> list[dict]:
     """Train on every token of the rows `draw()` returns (inputs, targets), without weight decay
-    (with "muon": Muon at lr 0.02 for the hidden matrices, AdamW at `lr` for the rest); every
+    (with "muon": Muon at `muon_lr` for the hidden matrices, AdamW at `lr` for the rest); every
     `every` steps and at the end, add `evaluate(step, seconds)` (under no_grad) to the curve."""
-    opt = make_optimizer(model, lr, 0.0, (0.9, 0.95), kind=opt_kind)
+    opt = make_optimizer(model, lr, 0.0, (0.9, 0.95), kind=opt_kind, muon_lr=muon_lr)
     curve, t0 = [], time.time()
     for step in range(1, steps + 1):
         x, y = draw()
