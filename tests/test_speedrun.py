@@ -87,13 +87,18 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     r = RECIPES["tiny"].__class__(**{
         **RECIPES["tiny"].__dict__, "pretrain_docs": 120, "pretrain_drills": 40, "pretrain_steps": 2, "sft_steps": 2,
         "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004, "rl_steps": 0,
-        "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30,
-        "sft_task_params": {"recall": {"thinking": "scan"}}})
+        "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30, "pretrain_plain_lookups": 10,
+        "lookup_steps": 2, "lookup_drills": 300, "sft_task_params": {"recall": {"thinking": "scan"}}})
     out = speedrun(r, str(tmp_path / "run"))
+    # the lookup stage trains on plain lookups only, and pretraining starts from its checkpoint
+    lookups = json.loads((out / "lookups" / "run.json").read_text())["train"]
+    assert lookups["steps"] == 2 and lookups["data"].endswith("lookups")
+    assert json.loads((out / "data" / "lookups" / "meta.json").read_text())["n_docs"] == 300
     pre = json.loads((out / "pretrain" / "run.json").read_text())["train"]
+    assert pre["init_from"] == str(out / "lookups" / "ckpt")
     sft = json.loads((out / "sft" / "run.json").read_text())["train"]
     assert (pre["optimizer"], pre["muon_lr"]) == ("muon", 0.03) and (sft["optimizer"], sft["muon_lr"]) == ("muon", 0.004)
-    assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 160
+    assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 170
     assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 250
     assert "muon" in (out / "report.md").read_text() and not (out / "rl").exists()
     assert "## RL stage" not in (out / "report.md").read_text()

@@ -431,5 +431,16 @@ def test_drills_answer_right_and_never_hold_a_level_problem() -> None:
     held_out = [user_text(s) for lv in (1, 5) for s in generate(LEVELS[lv].family, "test", LEVELS[lv].n, 0,
                                                                   **LEVELS[lv].params)]
     assert not any(p in d for p in held_out for d in docs)
-    mixed = pretrain_text(0, 60, drills=30)
-    assert len(mixed) == 90 and set(docs[:30]) <= set(mixed) and pretrain_text(0, 60) == pretrain_text(0, 60, 0)
+    plain = tasks.plain_lookup_text(0, 300)
+    assert plain == tasks.plain_lookup_text(0, 300) and plain != tasks.plain_lookup_text(1, 300)
+    in_order = 0
+    for d in plain:  # every key asked once more, in a random order, with its own value
+        listed, asked = (line.split() for line in d.split("\n"))
+        table, again = dict(zip(listed[0::2], listed[1::2])), list(zip(asked[0::2], asked[1::2]))
+        assert 6 <= len(table) <= 12 and len(listed) == 2 * len(table) and sorted(again) == sorted(table.items())
+        in_order += [k for k, _ in again] == list(table)
+    assert in_order <= 3  # a random order of 6+ keys is the listed one once in 720 or less
+    assert not any(p in d for p in held_out for d in plain)
+    mixed = pretrain_text(0, 60, drills=30, plain_lookups=20)
+    assert len(mixed) == 110 and set(docs[:30]) <= set(mixed) and set(plain[:20]) <= set(mixed)
+    assert pretrain_text(0, 60) == pretrain_text(0, 60, 0, 0)

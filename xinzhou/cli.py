@@ -69,6 +69,9 @@ class Recipe:
     curve_n: int = 50
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
     pretrain_drills: int = 0  # copying drills added to the pretraining documents (tasks.drill_text)
+    pretrain_plain_lookups: int = 0  # lookup drills without a separator added to them (tasks.plain_lookup_text)
+    lookup_steps: int = 0  # a stage before pretraining on nothing but lookup_drills plain lookups of 3-6 pairs
+    lookup_drills: int = 0  # (experiments/induction: lookups form there and not when mixed into pretraining)
     sft_drills: int = 0  # copying drills kept in the SFT mix (plain text, all learned), so SFT keeps the circuit
     sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills); at
     # 4,000 the steps got more exact and L3 did not follow in two of three seeds (README)
@@ -123,7 +126,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     unknown = sorted(set(r.sft_task_params) - set(r.sft_mix))
     if unknown:
         raise ValueError(f"sft_task_params names {unknown}, which the SFT mix {sorted(r.sft_mix)} does not have")
-    stages = ("pretrain", "sft") + (("rl",) if r.rl_steps else ())
+    stages = (("lookups",) if r.lookup_steps else ()) + ("pretrain", "sft") + (("rl",) if r.rl_steps else ())
     for stage in stages:  # refuse before minutes of work, not after
         check_run_dir(out_dir / stage)
     total = 5 + bool(r.rl_steps)
@@ -133,7 +136,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     torch.manual_seed(seed)
 
     _log(f"1/{total} curriculum: generating task conversations")
-    pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills)
+    pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills, r.pretrain_plain_lookups)
     sft = []
     for family, n in r.sft_mix.items():
         samples = tasks.generate(family, "train", n, seed, **r.sft_task_params.get(family, {}))
@@ -157,15 +160,23 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     _log(f"3/{total} data: tokenized, packed shards")
     write_shards(tokenize_docs(pretrain_texts, tok), out_dir / "data" / "pretrain", tok.vocab_size, "tasks.pretrain_text")
     write_shards(tokenize_docs(sft, tok), out_dir / "data" / "sft", tok.vocab_size, "tasks SFT mix")
+    if r.lookup_steps:
+        write_shards(tokenize_docs(tasks.plain_lookup_text(seed + 2, r.lookup_drills, pairs=(3, 6)), tok),
+                     out_dir / "data" / "lookups", tok.vocab_size, "tasks.plain_lookup_text")
 
     spec = dict(r.model)
     model_cfg: ModelConfig = preset(spec.pop("name"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **spec)
     common = dict(seed=seed, tokenizer=str(tok_path), doc_mask=r.doc_mask, optimizer=r.optimizer, muon_lr=r.muon_lr)
     _log(f"4/{total} pretrain ({model_cfg.num_params() / 1e6:.2f}M params) then SFT")
+    start = None
+    if r.lookup_steps:
+        start = str(train(model_cfg, TrainConfig(data=str(out_dir / "data" / "lookups"), out_dir=str(out_dir / "lookups"),
+                                                 steps=r.lookup_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
+                                                 batch_size=r.batch_size, **common)))
     pre = train(model_cfg, TrainConfig(data=str(out_dir / "data" / "pretrain"), out_dir=str(out_dir / "pretrain"),
                                        steps=r.pretrain_steps, lr=r.pretrain_lr, seq_len=r.seq_len,
-                                       batch_size=r.batch_size, **common))
+                                       batch_size=r.batch_size, init_from=start, **common))
     curve: list[dict] = []
     every = r.sft_steps // (r.curve_points + 1) if r.curve_points else 0
 

@@ -11,12 +11,16 @@ last lines print whether the pretrained and the SFT model copy at all (copy_loss
 
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
+
+import torch
 
 from xinzhou.cli import RECIPES, speedrun
 from xinzhou.engine.logprobs import token_logprobs
 from xinzhou.hf import load_hf
-from xinzhou.tasks import drill_text, recall
+from xinzhou import tasks
+from xinzhou.tasks import drill_text, plain_lookup_text, recall
 from xinzhou.tokenizer import Tokenizer
 
 from run import parse_overrides  # experiments/induction/run.py
@@ -35,6 +39,45 @@ def copy_loss(ckpt: Path, tok: Tokenizer, n: int = 20) -> tuple[float, float]:
         first.append(loss[:n1 - 1].mean().item())
         later.append(loss[n1:].mean().item())
     return sum(first) / n, sum(later) / n
+
+
+def lookup_accuracy(ckpt: Path, tok: Tokenizer, n: int = 40) -> tuple[float, float]:
+    """Teacher-forced accuracy (argmax) on the first token of each asked value in n held-out lookup
+    drills of each form: without a separator (plain_lookup_text: every key asked again; the first
+    half of the questions, so that "a value not asked yet" is not enough) and with `=` (drill_text's
+    "k? value" lines)."""
+    model = load_hf(ckpt).eval()
+
+    def score(pieces: list[tuple[str, bool]]) -> tuple[int, int]:
+        ids, scored = [tok.bos_id], []
+        for text, is_value in pieces:
+            if is_value:
+                scored.append(len(ids))
+            ids += tok.encode(text)
+        with torch.no_grad():
+            pred = model(torch.tensor([ids]))[0].argmax(-1)
+        return sum(int(pred[i - 1] == ids[i]) for i in scored), len(scored)
+
+    plain = [0, 0]
+    for doc in plain_lookup_text(999, n):
+        listed, asked = doc.split("\n")
+        words = asked.split()
+        pairs = list(zip(words[0::2], words[1::2]))[:len(words) // 4]
+        pieces = [(listed + "\n", False)]
+        for i, (k, v) in enumerate(pairs):
+            pieces += [((" " if i else "") + k, False), (" " + v, True)]
+        a, b = score(pieces)
+        plain = [plain[0] + a, plain[1] + b]
+    sep = [0, 0]
+    for doc in drill_text(999, 2 * n)[1::2]:  # the lookup drills
+        listed, *lines = doc.split("\n")
+        pieces = [(listed, False)]
+        for line in lines:
+            k, v = line.split("? ")
+            pieces += [(f"\n{k}?", False), (" " + v, True)]
+        a, b = score(pieces)
+        sep = [sep[0] + a, sep[1] + b]
+    return plain[0] / plain[1], sep[0] / sep[1]
 
 
 def spaced_key_lookups() -> None:
@@ -60,6 +103,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizer", choices=("adamw", "muon"), default="muon")
     ap.add_argument("--drills", type=int, default=6000, help="copying drills added to pretraining")
+    ap.add_argument("--plain-lookups", type=int, default=0,
+                    help="lookup drills without a separator added to pretraining (tasks.plain_lookup_text)")
+    ap.add_argument("--plain-pairs", default="6,12", help="LO,HI: pairs per plain lookup drill")
+    ap.add_argument("--lookup-steps", type=int, default=0,
+                    help="a stage before pretraining on plain lookups only (Recipe.lookup_steps)")
+    ap.add_argument("--lookup-drills", type=int, default=40000, help="its documents (Recipe.lookup_drills)")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--pretrain-docs", type=int, default=6000, help="task and filler documents in pretraining")
     ap.add_argument("--sft-steps", type=int, default=400)
@@ -80,11 +129,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = dict(RECIPES["tiny"].model) | parse_overrides(args.model_set, "--model-set")
+    lo, hi = (int(x) for x in args.plain_pairs.split(","))
+    tasks.plain_lookup_text = functools.partial(plain_lookup_text, pairs=(lo, hi))  # what pretrain_text calls
     if args.kv_spaced_query:
         spaced_key_lookups()
     mix = (RECIPES["tiny"].sft_mix if args.sft_mix == "full"
            else {k: int(v) for k, v in (part.split("=") for part in args.sft_mix.split(","))})
     r = dataclasses.replace(RECIPES["tiny"], model=model, optimizer=args.optimizer, pretrain_drills=args.drills,
+                            pretrain_plain_lookups=args.plain_lookups, lookup_steps=args.lookup_steps,
+                            lookup_drills=args.lookup_drills,
                             pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
@@ -93,9 +146,11 @@ def main() -> None:
     out = args.out or f"runs/induction-probe/{args.optimizer}-docs{args.pretrain_docs}-drills{args.drills}-seed{args.seed}"
     speedrun(r, out, seed=args.seed, name="L1/L5 probe")
     tok = Tokenizer.load(Path(out) / "tokenizer" / "tokenizer.json")
-    for stage in ("pretrain", "sft"):
+    for stage in (("lookups",) if args.lookup_steps else ()) + ("pretrain", "sft"):
         a, b = copy_loss(Path(out) / stage / "ckpt", tok)
-        print(f"{stage}: loss on held-out repeat drills, first line {a:.2f}, later copies {b:.2f} nats")
+        plain, sep = lookup_accuracy(Path(out) / stage / "ckpt", tok)
+        print(f"{stage}: loss on held-out repeat drills, first line {a:.2f}, later copies {b:.2f} nats; "
+              f"lookup drills' values right (teacher-forced): without a separator {plain:.1%}, with '=' {sep:.1%}")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from types import ModuleType
 from typing import Any
 
 from xinzhou.tasks import arithmetic, countdown, recall, retrieval, tools
-from xinzhou.tasks.drills import drill_text
+from xinzhou.tasks.drills import drill_text, plain_lookup_text
 from xinzhou.tasks.common import Parsed, ParsedLike, Sample, gold_parsed, sentence, split_of, user_text
 
 __all__ = [
     "FAMILIES", "LEVELS", "Level", "Parsed", "ParsedLike", "Sample",
-    "conversation", "drill_text", "generate", "gold_parsed", "pretrain_text", "split_of", "to_text", "verify",
+    "conversation", "drill_text", "generate", "gold_parsed", "plain_lookup_text", "pretrain_text", "split_of", "to_text", "verify",
 ]
 
 FAMILIES: dict[str, ModuleType] = {
@@ -105,9 +105,10 @@ def to_text(sample: Sample) -> str:
     return schemas + prompt + ("" if prompt.endswith("=") else "\n") + sample.answer
 
 
-def pretrain_text(seed: int, n: int, drills: int = 0) -> list[str]:
+def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0) -> list[str]:
     """`n` short plain-text documents: train-split problems of every family and filler paragraphs,
-    plus `drills` copying drills (drill_text), shuffled together."""
+    plus `drills` copying drills (drill_text) and `plain_lookups` lookup drills without a separator
+    (plain_lookup_text), shuffled together."""
     rng = random.Random(f"pretrain/{seed}")
     per = -(-n // (len(FAMILIES) + 1))
     docs = [
@@ -117,7 +118,7 @@ def pretrain_text(seed: int, n: int, drills: int = 0) -> list[str]:
     ]
     docs += [" ".join(sentence(rng) for _ in range(rng.randint(2, 6))) for _ in range(per)]
     rng.shuffle(docs)
-    docs = docs[:n] + drill_text(seed, drills)
-    if drills:
+    docs = docs[:n] + drill_text(seed, drills) + plain_lookup_text(seed, plain_lookups)
+    if drills or plain_lookups:
         rng.shuffle(docs)
     return docs

@@ -6,6 +6,11 @@ skill at every line, and pretraining trains every token. Two kinds, in the shape
     repeat:  a word sequence written two to four times, one per line
     lookup:  7-12 k=value pairs, then four "k? value" lines
 
+and a third, `plain_lookup_text`: lookups without a separator, "k value" pairs on one line, then
+every key again in a random order with its value. A model learns these far sooner than lookups
+through `=` and, once it has, the `=` form within a few hundred steps (experiments/induction:
+from scratch, the `=` form stalls at "a value not asked yet" for thousands of steps).
+
 No drill contains a problem of the levels, by construction: no line says "Repeat:", and the
 question that follows a lookup list asks for a key outside its last six pairs (an L1 list has at
 most six, and its question is on one of them). Recipe.pretrain_drills and Recipe.sft_drills add
@@ -29,6 +34,20 @@ def drill_text(seed: int, n: int) -> list[str]:
 def _repeat(rng: random.Random) -> str:
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
     return "\n".join([words] * rng.randint(2, 4))
+
+
+def plain_lookup_text(seed: int, n: int, pairs: tuple[int, int] = (6, 12)) -> list[str]:
+    """`n` lookup drills without a separator (deterministic in seed): `pairs` "k value" pairs, then
+    every key once more in a random order, each with its value (`c ocean f mango a lemon` /
+    `f mango c ocean a lemon`). No L1 problem is a substring: those have `=` and `?`."""
+    rng = random.Random(f"plain-lookups/{seed}")
+    docs = []
+    for _ in range(n):
+        keys = rng.sample(string.ascii_lowercase, rng.randint(*pairs))
+        values = {k: rng.choice(WORDS) for k in keys}
+        asked = rng.sample(keys, len(keys))
+        docs.append(" ".join(f"{k} {values[k]}" for k in keys) + "\n" + " ".join(f"{k} {values[k]}" for k in asked))
+    return docs
 
 
 def _lookup(rng: random.Random) -> str:
