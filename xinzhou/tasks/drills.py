@@ -7,9 +7,10 @@ skill at every line, and pretraining trains every token. Two kinds, in the shape
     lookup:  7-12 k=value pairs, then four "k? value" lines
 
 and a third, `plain_lookup_text`: lookups without a separator, "k value" pairs on one line, then
-every key again in a random order with its value. A model learns these far sooner than lookups
-through `=` and, once it has, the `=` form within a few hundred steps (experiments/induction:
-from scratch, the `=` form stalls at "a value not asked yet" for thousands of steps).
+every key again in a random order with its value. With pre-norm blocks (MiniMax-M2's) a model
+learns these far sooner than lookups through `=`, and once it has, the `=` form within a few
+hundred steps (experiments/induction: from scratch, the `=` form stalls at "a value not asked
+yet" for thousands of steps; the recipe's post-norm blocks learn neither).
 
 No drill contains a problem of the levels, by construction: no line says "Repeat:", and the
 question that follows a lookup list asks for a key outside its last six pairs (an L1 list has at
