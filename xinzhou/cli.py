@@ -70,8 +70,9 @@ class Recipe:
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
     pretrain_drills: int = 0  # copying drills added to the pretraining documents (tasks.drill_text)
     pretrain_plain_lookups: int = 0  # lookup drills without a separator added to them (tasks.plain_lookup_text)
-    lookup_steps: int = 0  # a stage before pretraining on nothing but lookup_drills plain lookups of 3-6 pairs
+    lookup_steps: int = 0  # a stage before pretraining on nothing but lookup_drills plain lookups
     lookup_drills: int = 0  # (experiments/induction: lookups form there and not when mixed into pretraining)
+    plain_lookup_pairs: tuple[int, int] = (3, 6)  # pairs per plain lookup drill, in the stage and in pretraining
     sft_drills: int = 0  # copying drills kept in the SFT mix (plain text, all learned), so SFT keeps the circuit
     sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills); at
     # 4,000 the steps got more exact and L3 did not follow in two of three seeds (README)
@@ -136,7 +137,8 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     torch.manual_seed(seed)
 
     _log(f"1/{total} curriculum: generating task conversations")
-    pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills, r.pretrain_plain_lookups)
+    pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills, r.pretrain_plain_lookups,
+                                         r.plain_lookup_pairs)
     sft = []
     for family, n in r.sft_mix.items():
         samples = tasks.generate(family, "train", n, seed, **r.sft_task_params.get(family, {}))
@@ -161,7 +163,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     write_shards(tokenize_docs(pretrain_texts, tok), out_dir / "data" / "pretrain", tok.vocab_size, "tasks.pretrain_text")
     write_shards(tokenize_docs(sft, tok), out_dir / "data" / "sft", tok.vocab_size, "tasks SFT mix")
     if r.lookup_steps:
-        write_shards(tokenize_docs(tasks.plain_lookup_text(seed + 2, r.lookup_drills, pairs=(3, 6)), tok),
+        write_shards(tokenize_docs(tasks.plain_lookup_text(seed + 2, r.lookup_drills, r.plain_lookup_pairs), tok),
                      out_dir / "data" / "lookups", tok.vocab_size, "tasks.plain_lookup_text")
 
     spec = dict(r.model)

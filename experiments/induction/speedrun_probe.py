@@ -11,7 +11,6 @@ last lines print whether the pretrained and the SFT model copy at all (copy_loss
 
 import argparse
 import dataclasses
-import functools
 from pathlib import Path
 
 import torch
@@ -19,7 +18,6 @@ import torch
 from xinzhou.cli import RECIPES, speedrun
 from xinzhou.engine.logprobs import token_logprobs
 from xinzhou.hf import load_hf
-from xinzhou import tasks
 from xinzhou.tasks import drill_text, plain_lookup_text, recall
 from xinzhou.tokenizer import Tokenizer
 
@@ -105,7 +103,8 @@ def main() -> None:
     ap.add_argument("--drills", type=int, default=6000, help="copying drills added to pretraining")
     ap.add_argument("--plain-lookups", type=int, default=0,
                     help="lookup drills without a separator added to pretraining (tasks.plain_lookup_text)")
-    ap.add_argument("--plain-pairs", default="6,12", help="LO,HI: pairs per plain lookup drill")
+    ap.add_argument("--plain-pairs", default="6,12",
+                    help="LO,HI: pairs per plain lookup drill (Recipe.plain_lookup_pairs), in pretraining and the lookup stage")
     ap.add_argument("--lookup-steps", type=int, default=0,
                     help="a stage before pretraining on plain lookups only (Recipe.lookup_steps)")
     ap.add_argument("--lookup-drills", type=int, default=40000, help="its documents (Recipe.lookup_drills)")
@@ -129,8 +128,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = dict(RECIPES["tiny"].model) | parse_overrides(args.model_set, "--model-set")
-    lo, hi = (int(x) for x in args.plain_pairs.split(","))
-    tasks.plain_lookup_text = functools.partial(plain_lookup_text, pairs=(lo, hi))  # what pretrain_text calls
     if args.kv_spaced_query:
         spaced_key_lookups()
     mix = (RECIPES["tiny"].sft_mix if args.sft_mix == "full"
@@ -138,6 +135,7 @@ def main() -> None:
     r = dataclasses.replace(RECIPES["tiny"], model=model, optimizer=args.optimizer, pretrain_drills=args.drills,
                             pretrain_plain_lookups=args.plain_lookups, lookup_steps=args.lookup_steps,
                             lookup_drills=args.lookup_drills,
+                            plain_lookup_pairs=tuple(int(x) for x in args.plain_pairs.split(",")),
                             pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,

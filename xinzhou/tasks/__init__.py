@@ -105,10 +105,11 @@ def to_text(sample: Sample) -> str:
     return schemas + prompt + ("" if prompt.endswith("=") else "\n") + sample.answer
 
 
-def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0) -> list[str]:
+def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0,
+                  plain_pairs: tuple[int, int] = (6, 12)) -> list[str]:
     """`n` short plain-text documents: train-split problems of every family and filler paragraphs,
     plus `drills` copying drills (drill_text) and `plain_lookups` lookup drills without a separator
-    (plain_lookup_text), shuffled together."""
+    of `plain_pairs` pairs (plain_lookup_text), shuffled together."""
     rng = random.Random(f"pretrain/{seed}")
     per = -(-n // (len(FAMILIES) + 1))
     docs = [
@@ -118,7 +119,7 @@ def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0) ->
     ]
     docs += [" ".join(sentence(rng) for _ in range(rng.randint(2, 6))) for _ in range(per)]
     rng.shuffle(docs)
-    docs = docs[:n] + drill_text(seed, drills) + plain_lookup_text(seed, plain_lookups)
+    docs = docs[:n] + drill_text(seed, drills) + plain_lookup_text(seed, plain_lookups, plain_pairs)
     if drills or plain_lookups:
         rng.shuffle(docs)
     return docs
