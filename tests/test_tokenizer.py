@@ -93,6 +93,21 @@ def test_digits_are_single_tokens(tok: Tokenizer) -> None:
     assert sum(p.isdigit() for p in pieces) == sum(c.isdigit() for c in text)
 
 
+def test_operators_are_single_tokens() -> None:
+    # A corpus where the operator inside tool-call markup is frequent enough for GPT-2's regex
+    # to merge `">+</` into one token: the operator must still be the question's token.
+    calls = [f'What is 48{op}37? <parameter name="op">{op}</parameter> (3{op}5){op}4'
+             for op in "+-*"] * 50
+    tok = train_tokenizer(calls, vocab_size=300)
+    for op in "+-*":
+        (op_id,) = tok.encode(op)
+        question = tok.encode(f"What is 4821{op}37?")
+        call = tok.encode(f'<parameter name="op">{op}</parameter>')
+        answer = tok.encode(f"(3+5){op}(2-1)")
+        assert question.count(op_id) == 1 and call.count(op_id) == 1 and answer.count(op_id) == 1 + (op != "*"), op
+    assert [tok.decode([i]) for i in tok.encode("a--b")] == ["a", "-", "-", "b"]
+
+
 def test_vocab_too_small() -> None:
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_tokenizer(CORPUS, vocab_size=100)

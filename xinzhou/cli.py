@@ -72,8 +72,9 @@ class Recipe:
     pretrain_plain_lookups: int = 0  # lookup drills without a separator added to them (tasks.plain_lookup_text)
     lookup_steps: int = 0  # a stage before pretraining on nothing but lookup_drills plain lookups
     lookup_drills: int = 0  # (experiments/induction: lookups form there and not when mixed into pretraining)
-    plain_lookup_pairs: tuple[int, int] = (3, 6)  # pairs per plain lookup drill, in the stage and in pretraining
+    plain_lookup_pairs: tuple[int, int] = (3, 6)  # pairs per plain lookup drill, in the stage, pretraining and SFT
     sft_drills: int = 0  # copying drills kept in the SFT mix (plain text, all learned), so SFT keeps the circuit
+    sft_plain_lookups: int = 0  # plain lookup drills kept in the SFT mix, so SFT keeps the match (as sft_drills)
     sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills); at
     # 4,000 the steps got more exact and L3 did not follow in two of three seeds (README)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
@@ -149,6 +150,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
             sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools,
                             keep_all_thinking=True))
     sft += tasks.drill_text(seed + 1, r.sft_drills)  # other drills than pretraining's
+    sft += tasks.plain_lookup_text(seed + 3, r.sft_plain_lookups, r.plain_lookup_pairs)  # nor the stage's
     sft += tasks.countdown.step_drills(seed, r.sft_step_drills)
     random.Random(seed).shuffle(sft)
 

@@ -2,7 +2,8 @@
 
 A thin typed wrapper around a Hugging Face `tokenizers.Tokenizer`. `train_tokenizer` trains a
 GPT-style byte-level BPE whose pre-tokenizer first splits every digit into its own piece (so
-numbers are always one token per digit) and reserves the M2 markers as single special tokens with
+numbers are always one token per digit) and every arithmetic operator `+ - *` into its own (so an
+operator copied into tool-call markup is the same token as in the question), and reserves the M2 markers as single special tokens with
 fixed low ids (0..7, in `SPECIAL_TOKENS` order). `Tokenizer.load` also reads a real MiniMax
 `tokenizer.json` (the markers are found by name there, at whatever ids the file gives them).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -253,11 +255,22 @@ def _byte_level_alphabet() -> dict[str, int]:
 _CHAR_TO_BYTE = _byte_level_alphabet()
 
 
+# Arithmetic operators stand alone. GPT-2's regex keeps a run of punctuation together, so the
+# tool-call markup `<parameter name="op">+</parameter>` would train `">+</` into one token, and a
+# model copying the operator of "What is 4821+37?" into its call would have to learn a mapping
+# from `+` to that other token instead of copying it (the tiny speedrun model wrote "-" for "+"
+# and "*" in most of its calculator calls). `/` is left out: the tasks never divide, and it
+# would split every closing tag `</`.
+OPERATORS = "+-*"
+
+
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Digits first so "2024" becomes 2,0,2,4 and no merge can ever join digits; then GPT-2 regex.
+    # Digits first so "2024" becomes 2,0,2,4 and no merge can ever join digits; operators alone
+    # (OPERATORS); then GPT-2's regex.
     return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(tokenizers.Regex("[" + re.escape(OPERATORS) + "]"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )
