@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from xinzhou.config import ModelConfig
 from xinzhou.ops.lightning import lightning_decode
@@ -115,6 +116,26 @@ class Packing:
         if self.cache is None:
             return self.pad(k).transpose(1, 2), self.pad(v).transpose(1, 2)
         return self.cache.write_and_read(layer, k[0], v[0], self)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Softmax attention of the new queries q [1, total, H, D] over k, v [N, KV, S, D] (from
+        `keys_values`) -> [1, total, H, D]. When one-token sequences (decoding) share the step with
+        longer ones (prompt chunks), the one-token rows are attended on their own at one query
+        each: in the padded [N, Tm] view they would cost Tm queries apiece."""
+        qp = self.pad(q).transpose(1, 2)  # [N, H, Tm, D]
+        Tm = qp.shape[2]
+        ones = [i for i, n in enumerate(self.seqlens) if n == 1]
+        if Tm == 1 or not ones or len(ones) == len(self.seqlens):
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=self.mask, enable_gqa=gqa)
+            return self.unpad(o.transpose(1, 2))
+        one = torch.tensor(ones, device=q.device)
+        rest = torch.tensor([i for i, n in enumerate(self.seqlens) if n > 1], device=q.device)
+        o = qp.new_zeros(qp.shape)  # the padded rows of one-token sequences stay 0 and are dropped by unpad
+        o[one, :, :1] = F.scaled_dot_product_attention(qp[one, :, :1], k[one], v[one],
+                                                       attn_mask=self.mask[one, :, :1], enable_gqa=gqa)
+        o[rest] = F.scaled_dot_product_attention(qp[rest], k[rest], v[rest], attn_mask=self.mask[rest],
+                                                 enable_gqa=gqa)
+        return self.unpad(o.transpose(1, 2))
 
     @property
     def decode_only(self) -> bool:

@@ -148,9 +148,7 @@ class SoftmaxAttention(nn.Module):
                                                enable_gqa=gqa).transpose(1, 2)  # [B, T, H, D]
         else:  # B = 1 packed: each sequence on its own row of a padded [N, Tm] view, cached keys first
             k, v = packing.keys_values(self.layer, k, v)  # [N, KV, S, D]
-            o = F.scaled_dot_product_attention(packing.pad(q).transpose(1, 2), k, v, attn_mask=packing.mask,
-                                               enable_gqa=gqa)  # [N, H, Tm, D]
-            o = packing.unpad(o.transpose(1, 2))  # [1, total, H, D]
+            o = packing.attend(q, k, v, gqa)  # [1, total, H, D]
         return self.o_proj(o.reshape(B, T, self.H * self.D))
 
 

@@ -258,14 +258,16 @@ class EngineClient(Client):
     protocol = "engine"
 
     def __init__(self, model: Any, tokenizer: Any, keep_thinking: bool = True, max_tokens: int = 512,
-                 temperature: float | None = None, max_batch: int = 32, seed: int | None = None) -> None:
+                 temperature: float | None = None, max_batch: int = 32, seed: int | None = None,
+                 **engine: Any) -> None:
+        """engine: further Engine arguments (max_tokens_per_step, cache_bytes, ...)."""
         from xinzhou.engine import Engine
         from xinzhou.engine.threaded import ThreadedEngine
 
         super().__init__("", "local", keep_thinking=keep_thinking, max_tokens=max_tokens, temperature=temperature)
-        self.tokenizer, self.seed = tokenizer, seed
+        self.tokenizer, self.seed, self.max_batch = tokenizer, seed, max_batch
         self.context = model.config.max_position_embeddings
-        self.shared = ThreadedEngine(Engine(model, tokenizer, max_batch=max_batch))
+        self.shared = ThreadedEngine(Engine(model, tokenizer, max_batch=max_batch, **engine))
 
     def complete(self, history: History, tools: list[dict], system: str | None = None) -> Turn:
         from xinzhou.chat_format import parse_ids, render
