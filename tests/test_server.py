@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import FREE_FORM
 from xinzhou import tasks
 from xinzhou.chat_format import CallGuide, parse_ids, render
 from xinzhou.engine import Engine, SamplingConfig, SamplingParams, Token, generate
@@ -435,19 +436,37 @@ def test_forced_tool_choice_in_every_protocol(served, oc, ac, guided, calling_qu
         ac.messages.create(model="xz-test", max_tokens=8, messages=messages, tool_choice={"type": "any"})
 
 
+def test_required_with_one_tool_forces_that_tools_name(served):
+    """tool_choice "required" over one tool can only call that one: its <invoke name=...> line is
+    forced as for a named tool; over several, forcing stops at <minimax:tool_call> and the model picks."""
+    from xinzhou.server.common import call_guide
+    tok = served.tokenizer
+    one = call_guide(served.worker, TOOLS[:1], True, "tool_choice").forced
+    assert one == CallGuide(tok, TOOLS[0]["function"]["name"]).forced
+    assert tok.decode(one).endswith(f'<invoke name="{TOOLS[0]["function"]["name"]}">\n')
+    several = call_guide(served.worker, TOOLS, True, "tool_choice").forced
+    assert tok.decode(several).endswith("<minimax:tool_call>") and one[:len(several)] == several
+
+
 def test_responses_custom_tool_round_trip(served, oc, calling_question):
     """A free-form tool (Codex's apply_patch kind): the model sees a function of one string; the
-    client gets custom_tool_call items, and sends custom_tool_call(_output) back."""
-    question, want = calling_question
-    name = want.tool_calls[0]["function"]["name"]  # a tool this model knows how to reach for
-    tools = [{"type": "custom", "name": name, "description": "Look it up.",
-              "format": {"type": "grammar", "syntax": "regex", "definition": "[a-z0-9 ]+"}}]
-    with oc.responses.stream(model="xz-test", input=question, tools=tools, store=False, tool_choice="required",
-                             max_output_tokens=64, **GREEDY) as s:
-        events = list(s)
-    final = events[-1].response  # response.completed, or response.incomplete if max_output_tokens cut the answer
-    assert events[-1].type in ("response.completed", "response.incomplete")
-    call = next(o for o in final.output if o.type == "custom_tool_call")
+    client gets custom_tool_call items, and sends custom_tool_call(_output) back. The first held-out
+    question the tiny model writes a well-formed call on is the one checked (forcing opens the call;
+    the model writes it, or it is reported as text)."""
+    name = calling_question[1].tool_calls[0]["function"]["name"]  # a tool this model knows how to reach for
+    tools = [{"type": "custom", "name": name, **FREE_FORM}]
+    for s in tasks.generate("tools", "test", 20, 0):
+        question = s.messages[0]["content"]
+        with oc.responses.stream(model="xz-test", input=question, tools=tools, store=False, tool_choice="required",
+                                 max_output_tokens=64, **GREEDY) as stream:
+            events = list(stream)
+        final = events[-1].response  # response.completed, or response.incomplete if max_output_tokens cut the answer
+        assert events[-1].type in ("response.completed", "response.incomplete")
+        call = next((o for o in final.output if o.type == "custom_tool_call"), None)
+        if call is not None:
+            break
+    else:
+        pytest.fail("the test model wrote no well-formed call to a free-form tool on 20 held-out questions")
     assert call.name == name and isinstance(call.input, str) and call.input
     done = next(e for e in events if e.type == "response.custom_tool_call_input.done")
     assert done.input == call.input and done.item_id == call.id

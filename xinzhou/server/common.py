@@ -73,6 +73,8 @@ def call_guide(worker: EngineWorker, tools: list[dict] | None, forced: str | boo
         raise bad(f"'{param}' asks for a tool call, but the request has no tools", param)
     if forced is not True and forced not in names:
         raise bad(f"'{param}' names the tool {forced!r}, which is not among the request's tools {names}", param)
+    if forced is True and len(names) == 1:  # any tool, of one: that tool, so its <invoke name=...> is forced too
+        forced = names[0]
     return CallGuide(worker.tokenizer, None if forced is True else forced)
 
 

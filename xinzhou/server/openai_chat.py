@@ -7,8 +7,9 @@ in any of those forms goes into the prompt by the M2 rules (chat_format.render).
 streams once it has parsed whole (server.worker holds it until its `</invoke>`): the header (id,
 name), then the arguments as JSON deltas (string values as written, others whole) that
 concatenate to the final arguments. A call that turns out malformed, or is cut off by max_tokens,
-never streams as a call: its text is content, as in the non-streamed reply. tool_choice "required" or a named function forces the call's opening
-(chat_format.CallGuide); the model writes the arguments.
+never streams as a call: its text is content, as in the non-streamed reply. tool_choice "required" or
+a named function forces the call's opening (chat_format.CallGuide; "required" over one tool forces its
+name too); the model writes the arguments.
 """
 
 from __future__ import annotations
