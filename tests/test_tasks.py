@@ -231,6 +231,25 @@ def test_countdown_step_drills_are_exact_search_steps() -> None:
     assert firsts > 1000 and seconds > 1000  # both kinds, about half each (values <= 15 count as firsts)
 
 
+def test_countdown_check_drills_say_yes_exactly_on_hits() -> None:
+    docs = countdown.check_drills(0, 300, checks=16)
+    assert docs == countdown.check_drills(0, 300, checks=16) and docs != countdown.check_drills(1, 300, checks=16)
+    hits = near = 0
+    for doc in docs:
+        checks = re.findall(r"(\d+)([-+*])(\d+)=(\d+):(\d+)( yes)?", doc)
+        assert len(checks) == 16 and "Make" not in doc
+        assert re.sub(r"(\d+)([-+*])(\d+)=(\d+):(\d+)( yes)?", "", doc).strip() == ""  # nothing else
+        assert len({t for *_, t, _ in checks}) == 1  # one target a document, as in a search
+        for x, op, y, value, target, yes in checks:
+            assert countdown.evaluate(f"{x}{op}{y}")[0] == int(value) and (op != "-" or int(x) >= int(y))
+            assert 1 <= int(target) <= 99 and int(y) <= 15
+            assert bool(yes) == (value == target)
+            hits += value == target
+            near += value != target and (abs(int(value) - int(target)) <= 3 or (
+                len(value) == len(target) and sum(a != b for a, b in zip(value, target)) == 1))
+    assert 0.45 < hits / (300 * 16) < 0.55 and near / (300 * 16) > 0.2
+
+
 def test_countdown_verifier() -> None:
     s = Sample(messages=[], target=[], answer="(3+5)*4", level=3, family="countdown",
                meta={"numbers": [3, 5, 4], "target": 32})
@@ -264,6 +283,7 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
     train_text = set(tasks.pretrain_text(0, r.pretrain_docs, max(r.pretrain_drills, 300)))
     train_text |= set(tasks.drill_text(1, max(r.sft_drills, 300)))  # the SFT mix's drills (speedrun: seed + 1)
     train_text |= set(countdown.step_drills(0, max(r.sft_step_drills, 300)))  # and its search-step drills
+    train_text |= set(countdown.check_drills(0, max(r.sft_check_drills, 300)))  # and its search-check drills
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)

@@ -77,6 +77,8 @@ class Recipe:
     sft_plain_lookups: int = 0  # plain lookup drills kept in the SFT mix, so SFT keeps the match (as sft_drills)
     sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills); at
     # 4,000 the steps got more exact and L3 did not follow in two of three seeds (README)
+    sft_check_drills: int = 0  # documents of balanced search checks ("9*4=36:36 yes") in the SFT mix
+    # (countdown.check_drills): the searches miss most hits, and a search has one among up to 27 checks
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what
@@ -152,6 +154,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     sft += tasks.drill_text(seed + 1, r.sft_drills)  # other drills than pretraining's
     sft += tasks.plain_lookup_text(seed + 3, r.sft_plain_lookups, r.plain_lookup_pairs)  # nor the stage's
     sft += tasks.countdown.step_drills(seed, r.sft_step_drills)
+    sft += tasks.countdown.check_drills(seed, r.sft_check_drills)
     random.Random(seed).shuffle(sft)
 
     _log(f"2/{total} tokenizer: byte-level BPE, vocab {r.vocab_size}")

@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--sft-drills", type=int, default=0, help="copying drills kept in the SFT mix")
     ap.add_argument("--sft-plain-lookups", type=int, default=0,
                     help="plain lookup drills kept in the SFT mix (Recipe.sft_plain_lookups)")
+    ap.add_argument("--sft-check-drills", type=int, default=0,
+                    help="balanced countdown search checks in the SFT mix (Recipe.sft_check_drills)")
     ap.add_argument("--kv-thinking", choices=("none", "scan", "pair"), default="none",
                     help="the thinking of L1's key-lookup demonstrations (xinzhou/tasks/recall.py)")
     ap.add_argument("--kv-spaced-query", action="store_true",
@@ -141,6 +143,7 @@ def main() -> None:
                             pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_plain_lookups=args.sft_plain_lookups,
+                            sft_check_drills=args.sft_check_drills,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
                             sft_task_params={"recall": {"thinking": args.kv_thinking}},
                             curve_points=0, eval_n=args.eval_n)

@@ -170,6 +170,59 @@ def step_drills(seed: int, n: int, steps: int = 24, max_number: int = 15) -> lis
     return docs
 
 
+def check_drills(seed: int, n: int, checks: int = 16, max_number: int = 15, max_target: int = 99) -> list[str]:
+    """`n` plain-text documents of `checks` search checks each, as `search` writes them, against one
+    target in 1..max_target per document: a second step (a first step's value on two numbers in
+    1..max_number, then a third number), its value, ":" and the target, then " yes" when the two are
+    equal ("9*4=36:36 yes 4+11=15:36"). Half the checks are hits and a quarter near misses (a digit
+    changed, or off by 1-3), where a search has one hit among up to 27 checks: dense, balanced
+    practice of the comparison the searches get wrong most. No document holds a held-out problem
+    (none says "Make"; a step whose text is in the test split is drawn again, as in `step_drills`)."""
+    rng = random.Random(f"countdown-checks/{seed}")
+    by_value: dict[int, list[str]] = {}  # a second step's value -> its texts, as often as the steps give it
+    for a in range(1, max_number + 1):
+        for b in range(1, max_number + 1):
+            for op1 in "+*-":
+                v = _step(a, op1, b)[1]
+                for c in range(1, max_number + 1):
+                    for op2 in "+*-":
+                        text, w = _step(v, op2, c)
+                        if split_of(text) == "train":  # "12+14" may be a held-out L2 problem
+                            by_value.setdefault(w, []).append(text)
+    values = sorted(by_value)
+    weights = [len(by_value[w]) for w in values]
+    reachable = [t for t in range(1, max_target + 1) if t in by_value]
+    docs = []
+    for _ in range(n):
+        target = rng.choice(reachable)
+        near = [w for w in _near(target) if w in by_value]
+        parts = []
+        for _ in range(checks):
+            r = rng.random()
+            if r < 0.5:
+                value = target
+            elif r < 0.75 and near:
+                value = rng.choice(near)
+            else:
+                value = target
+                while value == target:
+                    value = rng.choices(values, weights)[0]
+            parts.append(f"{rng.choice(by_value[value])}={value}:{target}" + (" yes" if value == target else ""))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def _near(t: int) -> list[int]:
+    """The values one digit away from `t` (same length) or 1-3 from it, positive and not `t`."""
+    out = {t + d for d in (-3, -2, -1, 1, 2, 3)}
+    digits = str(t)
+    for i in range(len(digits)):
+        for d in "0123456789":
+            if d != digits[i] and (i or d != "0" or len(digits) == 1):
+                out.add(int(digits[:i] + d + digits[i + 1:]))
+    return sorted(w for w in out if w >= 1 and w != t)
+
+
 def search(nums: list[int], target: int) -> tuple[list[str], str]:
     """The thinking lines of the fixed-order search over three numbers and the expression it finds.
 
