@@ -171,43 +171,36 @@ def step_drills(seed: int, n: int, steps: int = 24, max_number: int = 15) -> lis
 
 
 def check_drills(seed: int, n: int, checks: int = 16, max_number: int = 15, max_target: int = 99) -> list[str]:
-    """`n` plain-text documents of `checks` search checks each, as `search` writes them, against one
-    target in 1..max_target per document: a second step (a first step's value on two numbers in
-    1..max_number, then a third number), its value, ":" and the target, then " yes" when the two are
-    equal ("9*4=36:36 yes 4+11=15:36"). Half the checks are hits and a quarter near misses (a digit
-    changed, or off by 1-3), where a search has one hit among up to 27 checks: dense, balanced
-    practice of the comparison the searches get wrong most. No document holds a held-out problem
-    (none says "Make"; a step whose text is in the test split is drawn again, as in `step_drills`)."""
+    """`n` plain-text documents of `checks` search checks each, as `search` writes them: a second
+    step (a first step's value on two numbers in 1..max_number, then a third number), its value, ":"
+    and a target in 1..max_target, then " yes" when the two are equal ("9*4=36:36 yes 4+11=15:22").
+    Half the checks are hits and a quarter near misses (a digit changed, or off by 1-3), where a
+    search has one hit among up to 27 checks: dense, balanced practice of the comparison. Each check
+    has its own target, written after the value, so that the value cannot be learned from the
+    target (with one target a document, the model learned to write the target as a value it had
+    not computed). No document holds a held-out problem (none says "Make"; a step whose text is in
+    the test split is drawn again, as in `step_drills`)."""
     rng = random.Random(f"countdown-checks/{seed}")
-    by_value: dict[int, list[str]] = {}  # a second step's value -> its texts, as often as the steps give it
-    for a in range(1, max_number + 1):
-        for b in range(1, max_number + 1):
-            for op1 in "+*-":
-                v = _step(a, op1, b)[1]
-                for c in range(1, max_number + 1):
-                    for op2 in "+*-":
-                        text, w = _step(v, op2, c)
-                        if split_of(text) == "train":  # "12+14" may be a held-out L2 problem
-                            by_value.setdefault(w, []).append(text)
-    values = sorted(by_value)
-    weights = [len(by_value[w]) for w in values]
-    reachable = [t for t in range(1, max_target + 1) if t in by_value]
     docs = []
     for _ in range(n):
-        target = rng.choice(reachable)
-        near = [w for w in _near(target) if w in by_value]
         parts = []
         for _ in range(checks):
-            r = rng.random()
+            r = rng.random()  # < 0.5: a hit, < 0.75: a near miss, else any other target
+            while True:
+                a, b, c = (rng.randint(1, max_number) for _ in range(3))
+                text, value = _step(_step(a, rng.choice("+*-"), b)[1], rng.choice("+*-"), c)
+                near = [t for t in _near(value) if t <= max_target]
+                if split_of(text) == "train" and (1 <= value <= max_target if r < 0.5 else near or r >= 0.75):
+                    break
             if r < 0.5:
-                value = target
-            elif r < 0.75 and near:
-                value = rng.choice(near)
+                target = value
+            elif r < 0.75:
+                target = rng.choice(near)
             else:
-                value = target
-                while value == target:
-                    value = rng.choices(values, weights)[0]
-            parts.append(f"{rng.choice(by_value[value])}={value}:{target}" + (" yes" if value == target else ""))
+                target = value
+                while target == value:
+                    target = rng.randint(1, max_target)
+            parts.append(f"{text}={value}:{target}" + (" yes" if value == target else ""))
         docs.append(" ".join(parts))
     return docs
 
