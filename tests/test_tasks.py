@@ -110,14 +110,16 @@ def test_recall_key_lookup_thinking() -> None:
     assert recall._scan("c=ocean f=mango a=lemon\nc?") == "c:c=ocean"
     assert recall._scan("c=ocean f=mango a=lemon\na?") == "c:a=ocean f:a=mango a:a=lemon"
     assert recall._pair("c=ocean f=mango a=lemon\nc?") == " c=ocean"
+    assert recall._check("c=ocean f=mango a=lemon\nf?") == " c: f no=ocean f: f yes=mango"
+    assert recall._check("c=ocean f=mango a=lemon\nc?") == " c: c yes=ocean"
     assert recall._pair("c=ocean f=mango a=lemon\na?") == " a=lemon"
-    for fn in (recall._scan, recall._pair):
+    for fn in (recall._scan, recall._pair, recall._check):
         with pytest.raises(ValueError, match="key 'b' is not in the list"):
             fn("c=ocean f=mango\nb?")
     with pytest.raises(ValueError, match="thinking = 'loud'"):
         generate("recall", "train", 2, seed=0, thinking="loud")
     plain = generate("recall", "train", 200, seed=3)
-    for mode in ("scan", "pair"):
+    for mode in ("scan", "pair", "check"):
         samples = generate("recall", "train", 200, seed=3, thinking=mode)
         assert [s.messages for s in samples] == [s.messages for s in plain]  # the same problems
         for s, p in zip(samples, plain):
@@ -130,6 +132,13 @@ def test_recall_key_lookup_thinking() -> None:
             asked = query[:-1]
             if mode == "pair":
                 assert thinking == f" {asked}={s.answer}" and f"{asked}={s.answer}" in pairs.split()
+                continue
+            if mode == "check":
+                checks = re.findall(r" (\w): (\w) (yes|no)=(\w+)", thinking)
+                assert "".join(f" {k}: {a} {v}={w}" for k, a, v, w in checks) == thinking  # nothing else
+                assert [f"{k}={w}" for k, _, _, w in checks] == pairs.split()[:len(checks)]
+                assert [v for *_, v, _ in checks] == ["no"] * (len(checks) - 1) + ["yes"]
+                assert {a for _, a, _, _ in checks} == {asked} and checks[-1][::3] == (asked, s.answer)
                 continue
             written = thinking.split()
             assert " ".join(w.replace(f":{asked}=", "=") for w in written) == " ".join(pairs.split()[:len(written)])
@@ -249,6 +258,44 @@ def test_countdown_check_drills_say_yes_exactly_on_hits() -> None:
     assert 0.45 < hits / (300 * 16) < 0.55 and near / (300 * 16) > 0.2
 
 
+def test_recall_check_drills_say_yes_exactly_on_equal_keys() -> None:
+    docs = recall.check_drills(0, 300, checks=16)
+    assert docs == recall.check_drills(0, 300, checks=16) and docs != recall.check_drills(1, 300, checks=16)
+    yes = 0
+    for doc in docs:
+        checks = re.findall(r" ([a-z]): ([a-z]) (yes|no)=([a-z]+)", doc)
+        assert len(checks) == 16 and "".join(f" {k}: {a} {v}={w}" for k, a, v, w in checks) == doc
+        assert "?" not in doc and "\n" not in doc
+        for key, asked, verdict, _ in checks:
+            assert (verdict == "yes") == (key == asked)
+            yes += verdict == "yes"
+    assert 0.45 < yes / (300 * 16) < 0.55
+
+
+def test_recall_scan_drills_scan_the_whole_list() -> None:
+    docs = recall.scan_drills(0, 300)
+    assert docs == recall.scan_drills(0, 300) and docs != recall.scan_drills(1, 300)
+    held_out = {user_text(s) for s in generate("recall", "test", 200, 0) if s.meta["kind"] == "kv"}
+    ends = 0
+    for doc in docs:
+        listed, *scans = doc.split("\n")
+        pairs = [kv.split("=") for kv in listed.split()]
+        assert 3 <= len(pairs) <= 6 and len(scans) == 3 and "?" not in doc
+        assert all(split_of(f"{listed}\n{k}?") == "train" for k, _ in pairs)
+        assert not any(p.startswith(listed + "\n") for p in held_out)
+        asked_keys = []
+        for line in scans:
+            checks = re.findall(r" ([a-z]): ([a-z]) (yes|no)=([a-z]+)", line)
+            assert "".join(f" {k}: {a} {v}={w}" for k, a, v, w in checks) == line  # nothing else
+            assert [[k, w] for k, _, _, w in checks] == pairs  # every pair, in the list's order
+            (asked,) = {a for _, a, _, _ in checks}
+            assert [v for _, _, v, _ in checks] == ["yes" if k == asked else "no" for k, _ in pairs]
+            asked_keys.append(asked)
+            ends += checks[-1][2] == "yes"
+        assert len(set(asked_keys)) == 3
+    assert ends < 0.5 * 3 * 300  # "yes" is not only last
+
+
 def test_countdown_verifier() -> None:
     s = Sample(messages=[], target=[], answer="(3+5)*4", level=3, family="countdown",
                meta={"numbers": [3, 5, 4], "target": 32})
@@ -283,6 +330,8 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
     train_text |= set(tasks.drill_text(1, max(r.sft_drills, 300)))  # the SFT mix's drills (speedrun: seed + 1)
     train_text |= set(countdown.step_drills(0, max(r.sft_step_drills, 300)))  # and its search-step drills
     train_text |= set(countdown.check_drills(0, max(r.sft_check_drills, 300)))  # and its search-check drills
+    train_text |= set(recall.check_drills(0, max(r.sft_key_checks, 300)))  # and its key-check drills
+    train_text |= set(recall.scan_drills(0, max(r.sft_key_scans, 300)))  # and its key-scan drills
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)

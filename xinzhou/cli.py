@@ -78,7 +78,11 @@ class Recipe:
     sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills); at
     # 4,000 the steps got more exact and L3 did not follow in two of three seeds (README)
     sft_check_drills: int = 0  # documents of balanced search checks ("9*4=36:36 yes") in the SFT mix
-    # (countdown.check_drills): the searches miss most hits, and a search has one among up to 27 checks
+    # (countdown.check_drills); at 3,000 every seed's checks came right, L3 rose in one seed of three and
+    # fell in two, and L1 fell in all three (README)
+    sft_key_checks: int = 0  # documents of balanced key checks (" c: f no=ocean q: q yes=mango") in the SFT mix
+    # (recall.check_drills), for key lookups that think "check" (sft_task_params recall thinking)
+    sft_key_scans: int = 0  # documents of whole key-check scans of a list in the SFT mix (recall.scan_drills)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what
@@ -155,6 +159,8 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     sft += tasks.plain_lookup_text(seed + 3, r.sft_plain_lookups, r.plain_lookup_pairs)  # nor the stage's
     sft += tasks.countdown.step_drills(seed, r.sft_step_drills)
     sft += tasks.countdown.check_drills(seed, r.sft_check_drills)
+    sft += tasks.recall.check_drills(seed, r.sft_key_checks)
+    sft += tasks.recall.scan_drills(seed, r.sft_key_scans)
     random.Random(seed).shuffle(sft)
 
     _log(f"2/{total} tokenizer: byte-level BPE, vocab {r.vocab_size}")

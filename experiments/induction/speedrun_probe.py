@@ -120,7 +120,11 @@ def main() -> None:
                     help="plain lookup drills kept in the SFT mix (Recipe.sft_plain_lookups)")
     ap.add_argument("--sft-check-drills", type=int, default=0,
                     help="balanced countdown search checks in the SFT mix (Recipe.sft_check_drills)")
-    ap.add_argument("--kv-thinking", choices=("none", "scan", "pair"), default="none",
+    ap.add_argument("--sft-key-checks", type=int, default=0,
+                    help="balanced key checks in the SFT mix (Recipe.sft_key_checks, recall.check_drills)")
+    ap.add_argument("--sft-key-scans", type=int, default=0,
+                    help="whole key-check scans of a list in the SFT mix (Recipe.sft_key_scans, recall.scan_drills)")
+    ap.add_argument("--kv-thinking", choices=("none", "scan", "pair", "check"), default="none",
                     help="the thinking of L1's key-lookup demonstrations (xinzhou/tasks/recall.py)")
     ap.add_argument("--kv-spaced-query", action="store_true",
                     help="key lookups (trained and held out) that write every key as one token form: ' f' "
@@ -143,7 +147,8 @@ def main() -> None:
                             pretrain_docs=args.pretrain_docs,
                             pretrain_steps=args.pretrain_steps, sft_mix=mix, sft_drills=args.sft_drills,
                             sft_plain_lookups=args.sft_plain_lookups,
-                            sft_check_drills=args.sft_check_drills,
+                            sft_check_drills=args.sft_check_drills, sft_key_checks=args.sft_key_checks,
+                            sft_key_scans=args.sft_key_scans,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
                             sft_task_params={"recall": {"thinking": args.kv_thinking}},
                             curve_points=0, eval_n=args.eval_n)

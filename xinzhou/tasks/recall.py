@@ -16,10 +16,16 @@ answers are the same whatever it is):
   key between its key and value, so that each step is copying the next pair and comparing two
   keys side by side: `<think>c:f=ocean f:f=mango</think>mango`.
 - "pair": the asked pair, its key in the list's spaced form: `<think> f=mango</think>mango`.
+- "check": the pairs up to and including the asked key's, each key written beside the asked one
+  (both in the list's spaced form, so that equal keys are one token twice) with a verdict, then
+  the pair's value: `<think> c: f no=ocean f: f yes=mango</think>mango`. `check_drills` writes
+  balanced bare checks of this form for the training mix.
 
-In the tiny speedrun neither reaches the key: with "scan" the model copies the pairs and stops
-after one of them by position, not by its key; with "pair" it writes the key and a value from
-the wrong pair (experiments/induction/README.md).
+In the tiny speedrun neither "scan" nor "pair" reaches the key: with "scan" the model copies the
+pairs and stops after one of them by position, not by its key; with "pair" it writes the key and
+a value from the wrong pair. "check" alone gets the verdict wrong; with `scan_drills` in the
+training mix (whole scans of a list, "yes" anywhere in them) it learns the verdict and keeps the
+copy (experiments/induction/README.md, "Key checks, and scans of the whole list").
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import random
 import string
 
-from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw, WORDS
+from xinzhou.tasks.common import ParsedLike, Sample, assistant, draw, split_of, WORDS
 
 FAMILY = "recall"
 LEVEL = 1
@@ -102,12 +108,69 @@ def _pair(prompt: str) -> str:
     raise ValueError(f"recall: key {asked!r} is not in the list {pairs!r}")
 
 
+def _check(prompt: str) -> str:
+    """thinking="check": " c: f no=ocean f: f yes=mango" for "c=ocean f=mango a=lemon\nf?"."""
+    pairs, asked = _parts(prompt)
+    out = []
+    for kv in pairs.split():
+        key, value = kv.split("=")
+        out.append(f" {key}: {asked} {'yes' if key == asked else 'no'}={value}")
+        if key == asked:
+            return "".join(out)
+    raise ValueError(f"recall: key {asked!r} is not in the list {pairs!r}")
+
+
+def check_drills(seed: int, n: int, checks: int = 16) -> list[str]:
+    """`n` plain-text documents of `checks` key checks each, in the form of the "check" thinking
+    (" c: f no=ocean q: q yes=mango"): two keys side by side, equal in half the checks, each check
+    with its own keys and a random value. Dense, balanced practice of the one decision a lookup
+    needs, where a lookup's own thinking says "yes" once and last. No document holds a held-out
+    problem: none has a key=value list or a question."""
+    rng = random.Random(f"recall-checks/{seed}")
+    docs = []
+    for _ in range(n):
+        parts = []
+        for _ in range(checks):
+            key = rng.choice(string.ascii_lowercase)
+            asked = key if rng.random() < 0.5 else rng.choice(string.ascii_lowercase.replace(key, ""))
+            parts.append(f" {key}: {asked} {'yes' if key == asked else 'no'}={rng.choice(WORDS)}")
+        docs.append("".join(parts))
+    return docs
+
+
+def scan_drills(seed: int, n: int, scans: int = 3, min_words: int = 3, max_words: int = 6) -> list[str]:
+    """`n` plain-text documents, each a key=value list and `scans` whole scans of it in the form of
+    the "check" thinking, one line each, for keys asked in a random order:
+
+        c=ocean f=mango a=lemon
+         c: f no=ocean f: f yes=mango a: f no=lemon
+         c: a no=ocean f: a no=mango a: a yes=lemon
+
+    Every pair is written, so the key of each check is the list's next key wherever the asked one
+    is, and "yes" stands at every position of a scan, not only at its end. A list is used only if
+    every question it could be asked is a training problem of L1 (tasks.common.split_of), and no
+    document has a question ("f?")."""
+    rng = random.Random(f"recall-scans/{seed}")
+    docs = []
+    while len(docs) < n:
+        keys = rng.sample(string.ascii_lowercase, rng.randint(min_words, max_words))
+        pairs = [(k, rng.choice(WORDS)) for k in keys]
+        listed = " ".join(f"{k}={v}" for k, v in pairs)
+        if any(split_of(f"{listed}\n{k}?") == "test" for k in keys):
+            continue
+        lines = [listed]
+        for asked in rng.sample(keys, min(scans, len(keys))):
+            lines.append("".join(f" {k}: {asked} {'yes' if k == asked else 'no'}={v}" for k, v in pairs))
+        docs.append("\n".join(lines))
+    return docs
+
+
 def _parts(prompt: str) -> tuple[str, str]:
     pairs, query = prompt.split("\n")
     return pairs, query.removesuffix("?")
 
 
-THINKING = {"none": lambda prompt: "", "scan": _scan, "pair": _pair}
+THINKING = {"none": lambda prompt: "", "scan": _scan, "pair": _pair, "check": _check}
 
 
 def verify(sample: Sample, parsed: ParsedLike) -> bool:
