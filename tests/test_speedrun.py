@@ -17,7 +17,7 @@ from xinzhou.tokenizer import Tokenizer
 
 def test_speedrun_pipeline_end_to_end(tmp_path):
     small = RECIPES["tiny"].__class__(**{
-        **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_drills": 200, "sft_drills": 50,
+        **RECIPES["tiny"].__dict__, "pretrain_docs": 300, "pretrain_drills": 200, "sft_drills": 50, "sft_key_scans": 50,
         "pretrain_steps": 3, "sft_steps": 4, "eval_n": 6,
         "curve_points": 1, "curve_n": 3, "rl_steps": 1, "rl_prompts": 2, "rl_group": 2,
         "sft_mix": dict(arithmetic=200, tools=60, recall=20, countdown=20, retrieval=5)})
@@ -89,7 +89,7 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
         **RECIPES["tiny"].__dict__, "pretrain_docs": 120, "pretrain_drills": 40, "pretrain_steps": 2, "sft_steps": 2,
         "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004, "rl_steps": 0,
         "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30, "pretrain_plain_lookups": 10,
-        "sft_plain_lookups": 20, "sft_check_drills": 25, "lookup_steps": 2, "lookup_drills": 300, "sft_task_params": {"recall": {"thinking": "scan"}}})
+        "sft_plain_lookups": 20, "sft_check_drills": 25, "sft_key_checks": 10, "sft_key_scans": 15, "lookup_steps": 2, "lookup_drills": 300, "sft_task_params": {"recall": {"thinking": "scan"}}})
     out = speedrun(r, str(tmp_path / "run"))
     # the lookup stage trains on plain lookups only, and pretraining starts from its checkpoint
     lookups = json.loads((out / "lookups" / "run.json").read_text())["train"]
@@ -100,7 +100,7 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     sft = json.loads((out / "sft" / "run.json").read_text())["train"]
     assert (pre["optimizer"], pre["muon_lr"]) == ("muon", 0.03) and (sft["optimizer"], sft["muon_lr"]) == ("muon", 0.004)
     assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 170
-    assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 295
+    assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 320
     assert "muon" in (out / "report.md").read_text() and not (out / "rl").exists()
     assert "## RL stage" not in (out / "report.md").read_text()
     # the recall samples' params reached the SFT data: a key lookup's thinking scans the list
@@ -113,3 +113,4 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     kept = tasks.plain_lookup_text(3, 20, r.plain_lookup_pairs)
     assert all(doc in text for doc in kept) and not any(doc in text for doc in tasks.plain_lookup_text(2, 300, (3, 6)))
     assert all(doc in text for doc in tasks.countdown.check_drills(0, 25))  # and the search-check drills
+    assert all(doc in text for doc in tasks.recall.check_drills(0, 10) + tasks.recall.scan_drills(0, 15))  # key drills

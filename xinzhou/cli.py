@@ -82,7 +82,8 @@ class Recipe:
     # fell in two, and L1 fell in all three (README)
     sft_key_checks: int = 0  # documents of balanced key checks (" c: f no=ocean q: q yes=mango") in the SFT mix
     # (recall.check_drills), for key lookups that think "check" (sft_task_params recall thinking)
-    sft_key_scans: int = 0  # documents of whole key-check scans of a list in the SFT mix (recall.scan_drills)
+    sft_key_scans: int = 0  # documents of whole key-check scans of a list in the SFT mix (recall.scan_drills), for
+    # key lookups that think "check"; at 6,000 L1 reached 90% in three runs of four, and L3 and L5 fell (README)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what

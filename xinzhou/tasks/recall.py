@@ -108,13 +108,18 @@ def _pair(prompt: str) -> str:
     raise ValueError(f"recall: key {asked!r} is not in the list {pairs!r}")
 
 
+def check_text(key: str, asked: str, value: str) -> str:
+    """One check of the "check" thinking: " c: f no=ocean" (key c, asked f, value ocean)."""
+    return f" {key}: {asked} {'yes' if key == asked else 'no'}={value}"
+
+
 def _check(prompt: str) -> str:
     """thinking="check": " c: f no=ocean f: f yes=mango" for "c=ocean f=mango a=lemon\nf?"."""
     pairs, asked = _parts(prompt)
     out = []
     for kv in pairs.split():
         key, value = kv.split("=")
-        out.append(f" {key}: {asked} {'yes' if key == asked else 'no'}={value}")
+        out.append(check_text(key, asked, value))
         if key == asked:
             return "".join(out)
     raise ValueError(f"recall: key {asked!r} is not in the list {pairs!r}")
@@ -133,7 +138,7 @@ def check_drills(seed: int, n: int, checks: int = 16) -> list[str]:
         for _ in range(checks):
             key = rng.choice(string.ascii_lowercase)
             asked = key if rng.random() < 0.5 else rng.choice(string.ascii_lowercase.replace(key, ""))
-            parts.append(f" {key}: {asked} {'yes' if key == asked else 'no'}={rng.choice(WORDS)}")
+            parts.append(check_text(key, asked, rng.choice(WORDS)))
         docs.append("".join(parts))
     return docs
 
@@ -160,7 +165,7 @@ def scan_drills(seed: int, n: int, scans: int = 3, min_words: int = 3, max_words
             continue
         lines = [listed]
         for asked in rng.sample(keys, min(scans, len(keys))):
-            lines.append("".join(f" {k}: {asked} {'yes' if k == asked else 'no'}={v}" for k, v in pairs))
+            lines.append("".join(check_text(k, asked, v) for k, v in pairs))
         docs.append("\n".join(lines))
     return docs
 
