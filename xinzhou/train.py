@@ -410,6 +410,7 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig,
     if rank == 0:
         plot_metrics(metrics_path, out / "loss.png", title=out.name)
     if dist.is_initialized():
+        dist.barrier()  # tear down together: a rank that destroys the group while another still plots can abort it
         dist.destroy_process_group()
     return ckpt
 
