@@ -4,8 +4,9 @@ A thin typed wrapper around a Hugging Face `tokenizers.Tokenizer`. `train_tokeni
 GPT-style byte-level BPE whose pre-tokenizer first splits every digit into its own piece (so
 numbers are always one token per digit) and every arithmetic operator `+ - *` into its own (so an
 operator copied into tool-call markup is the same token as in the question), and reserves the M2
-markers as single special tokens with fixed low ids (0..7, in `SPECIAL_TOKENS` order). `Tokenizer.load` also reads a real MiniMax
-`tokenizer.json` (the markers are found by name there, at whatever ids the file gives them).
+markers as single special tokens with fixed low ids (0..7, in `SPECIAL_TOKENS` order).
+`Tokenizer.load` also reads a real MiniMax `tokenizer.json` (the markers are found by name there,
+at whatever ids the file gives them).
 
 `encode` never produces a special-token id: text that merely spells `<think>` or `[e~[` is
 encoded as ordinary bytes (prompt-injection rule). Special ids are inserted only by

@@ -23,14 +23,14 @@ import torch
 
 from xinzhou import evals, tasks
 from xinzhou.hf import load_hf
+from xinzhou.tasks import recall
 from xinzhou.tokenizer import Tokenizer
 
 CHECK = re.compile(r" ?(\w+): (\w+) (yes|no)=(\w+)")
 
 
 def first_error(prompt: str, reasoning: str, content: str) -> str:
-    pairs_text, question = prompt.split("\n")
-    asked = question.removesuffix("?")
+    pairs_text, asked = recall._parts(prompt)
     pairs = [kv.split("=") for kv in pairs_text.split()]
     checks = CHECK.findall(reasoning)
     for i, (key, written_asked, verdict, value) in enumerate(checks):
@@ -73,7 +73,7 @@ def main() -> None:
         client.close()
     counts = Counter()
     for s, out in zip(samples, outs):
-        ok = tasks.verify(s, out)
+        ok = tasks.verify(s, evals.parsed(out))  # as the report scores it
         counts[("pass" if ok else "fail", first_error(s.messages[-1]["content"], out.reasoning, out.content))] += 1
     passed = sum(v for (k, _), v in counts.items() if k == "pass")
     print(f"{args.run}: {passed} of {len(samples)} key lookups right ({passed / len(samples):.1%})")
