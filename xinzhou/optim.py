@@ -16,6 +16,7 @@ amount is the same in both kinds of group (the Muon groups' coefficient is divid
 from __future__ import annotations
 
 import torch
+from torch.optim.adam import adam
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: fast rather than exact
 
@@ -25,15 +26,16 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     iterations of Muon's quintic on g / ||g||_F, in fp32. The singular values land in about
     [0.7, 1.2] rather than exactly at 1, which trains as well and needs fewer iterations."""
     a, b, c = NS_COEFFS
-    x = g.float()
+    x = g.float().reshape(-1, *g.shape[-2:])  # [batch, m, n]: one code path for matrices and expert stacks
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    wide = x.size(-2) <= x.size(-1)
-    if not wide:  # iterate on the smaller Gram matrix
-        x = x.mT
+    tall = x.size(-2) > x.size(-1)
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.mT).to(g.dtype)
+        # x <- a x + (b A + c A^2) x with A = x x^T, or x (b A + c A^2) with A = x^T x for a tall x:
+        # the same iteration on the smaller Gram matrix, with no transposed copy of x
+        gram = x.mT @ x if tall else x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x.reshape(g.shape).to(g.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -58,17 +60,17 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            if not group["muon"]:
+                self._adamw(params, [self.state[p] for p in params], group)
+                continue
+            for p in params:
                 if wd:
                     p.mul_(1 - lr * wd)
-                if group["muon"]:
-                    self._muon(p, p.grad, state, lr, group["momentum"])
-                else:
-                    self._adamw(p, p.grad, state, lr, group["betas"], group["eps"])
+                self._muon(p, p.grad, self.state[p], lr, group["momentum"])
         return loss
 
     @staticmethod
@@ -86,25 +88,25 @@ class MuonAdamW(torch.optim.Optimizer):
         p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
     @staticmethod
-    def _adamw(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
-               eps: float) -> None:
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        t = state["step"].item()
-        b1, b2 = betas
-        state["exp_avg"].lerp_(grad, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - b2 ** t) ** 0.5).add_(eps)
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+    def _adamw(params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        """torch's AdamW update (decoupled decay, then the bias-corrected step), by its fused kernel:
+        one pass per tensor, as make_optimizer's "adamw" takes."""
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        b1, b2 = group["betas"]
+        adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+             [s["step"] for s in states], fused=True, decoupled_weight_decay=True, amsgrad=False, beta1=b1, beta2=b2,
+             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:
-    """The hidden matrices: attention projections and expert weights. Not the embedding, the LM
-    head or the router (their rows are per token or per expert, not a linear map to balance)."""
-    return p.dim() >= 2 and not name.startswith(("embed", "lm_head")) and not name.endswith("gate.weight")
+    """The hidden matrices: attention projections (lightning's output gate among them) and expert
+    weights. Not the embedding, the LM head or the MoE router (their rows are per token or per
+    expert, not a linear map to balance)."""
+    return p.dim() >= 2 and not name.startswith(("embed", "lm_head")) and not name.endswith("moe.gate.weight")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
