@@ -12,6 +12,10 @@ kinds of batch, at the speedrun's window size:
 Shapes: the speedrun's tiny model (2.1M parameters) and a ~60M hybrid. Before timing, both models'
 fp32 logits must agree (max |diff| printed); tokens/s counts every input token of the batch.
 
+Then the optimizer step alone at each shape (the speedrun trains with Muon): make_optimizer's
+"muon" (MuonAdamW: Newton-Schulz for the hidden matrices) against its "adamw" (torch's fused
+AdamW), on the same gradients; the ratio is what Muon's orthogonalisation costs.
+
     python benchmarks/bench_train.py --out bench_train.json
     python benchmarks/bench_train.py --smoke --out /tmp/s.json      # tiny shapes, every path
 """
@@ -91,6 +95,27 @@ def alternate(fns: dict, warmup: int, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def optimizer_row(name: str, cfg, reps: int) -> dict:
+    """Median ms of one MuonAdamW step and one fused AdamW step on cfg's parameters, alternated."""
+    models = {kind: XinzhouLM(cfg) for kind in ("muon", "adamw")}
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in models["muon"].parameters()]
+    opts = {kind: make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), kind=kind, muon_lr=0.02) for kind, m in models.items()}
+
+    def stepper(kind: str):
+        def step() -> None:
+            for p, g in zip(models[kind].parameters(), grads):
+                p.grad = g
+            opts[kind].step()
+        return step
+
+    s = alternate({kind: stepper(kind) for kind in opts}, warmup=2, reps=reps)
+    row = dict(shape=name, params_M=cfg.num_params() / 1e6, muon_ms=1e3 * s["muon"], adamw_ms=1e3 * s["adamw"])
+    print(f"{name:12} optimizer step: muon {row['muon_ms']:7.1f} ms | adamw (fused) {row['adamw_ms']:6.1f} ms | "
+          f"muon/adamw {row['muon_ms'] / row['adamw_ms']:5.1f}x", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="path of the JSON results")
@@ -117,7 +142,10 @@ def main() -> None:
             print(f"{name:12} {kind:8} B={B} T={T} targets {row['target_fraction']:4.0%}: xinzhou "
                   f"{row['xinzhou_tok_s']:8,.0f} tok/s | transformers {row['transformers_tok_s']:8,.0f} tok/s | "
                   f"xz/hf {row['ratio_xz_over_hf']:4.2f}x", flush=True)
-    info = dict(commit=git_commit(), torch=torch.__version__, threads=torch.get_num_threads(), rows=rows)
+    optim_rows = [optimizer_row(name, preset("tiny", **overrides), reps=3 if args.smoke else 3 * reps)
+                  for name, (overrides, _, _) in shapes.items()]
+    info = dict(commit=git_commit(), torch=torch.__version__, threads=torch.get_num_threads(), rows=rows,
+                optimizer_rows=optim_rows)
     Path(args.out).write_text(json.dumps(info, indent=2))
 
 

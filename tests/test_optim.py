@@ -47,9 +47,9 @@ def test_muon_split_names_the_hidden_matrices_only():
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]]
     assert any(n.endswith("w13") for n in muon) and any(n.endswith("q_proj.weight") for n in muon)
-    assert any(n.endswith("attn.output_gate.weight") for n in muon)  # lightning's gate is a hidden matrix
-    assert not any(n.startswith(("embed", "lm_head")) or n.endswith("moe.gate.weight") or n.endswith("norm.weight")
-                   for n in muon)
+    assert any(n.endswith("qkv_proj.weight") for n in muon)  # lightning's projections are hidden matrices
+    assert not any(n.startswith(("embed", "lm_head")) or n.endswith(("moe.gate.weight", "output_gate.weight",
+                                                                     "norm.weight")) for n in muon)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     (mg,) = [g for g in opt.param_groups if g["muon"]]
     assert mg["lr_ratio"] == pytest.approx(20.0) and mg["weight_decay"] * mg["lr_ratio"] == pytest.approx(0.1)
