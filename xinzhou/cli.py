@@ -76,14 +76,14 @@ class Recipe:
     sft_drills: int = 0  # copying drills kept in the SFT mix (plain text, all learned), so SFT keeps the circuit
     sft_plain_lookups: int = 0  # plain lookup drills kept in the SFT mix, so SFT keeps the match (as sft_drills)
     sft_step_drills: int = 0  # documents of countdown search steps in the SFT mix (countdown.step_drills); at
-    # 4,000 the steps got more exact and L3 did not follow in two of three seeds (README)
+    # 4,000 the steps got more exact and L3 did not follow in two of three seeds (docs/levels-log.md)
     sft_check_drills: int = 0  # documents of balanced search checks ("9*4=36:36 yes") in the SFT mix
     # (countdown.check_drills); at 3,000 every seed's checks came right, L3 rose in one seed of three and
-    # fell in two, and L1 fell in all three (README)
+    # fell in two, and L1 fell in all three (docs/levels-log.md)
     sft_key_checks: int = 0  # documents of balanced key checks (" c: f no=ocean q: q yes=mango") in the SFT mix
     # (recall.check_drills), for key lookups that think "check" (sft_task_params recall thinking)
     sft_key_scans: int = 0  # documents of whole key-check scans of a list in the SFT mix (recall.scan_drills), for
-    # key lookups that think "check"; at 6,000 L1 reached 90% in three runs of four, and L3 and L5 fell (README)
+    # key lookups that think "check"; at 6,000 L1 reached 90% in three runs of four, and L3 and L5 fell (docs/levels-log.md)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what

@@ -90,12 +90,15 @@ class MuonAdamW(torch.optim.Optimizer):
     @staticmethod
     def _adamw(params: list[torch.Tensor], states: list[dict], group: dict) -> None:
         """torch's AdamW update (decoupled decay, then the bias-corrected step), by its fused kernel:
-        one pass per tensor, as make_optimizer's "adamw" takes."""
+        one pass per tensor, as make_optimizer's "adamw" takes. The kernel reads each step count on
+        its parameter's device (a checkpoint may hold them on the CPU)."""
         for p, state in zip(params, states):
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+            elif state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
         b1, b2 = group["betas"]
         adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
              [s["step"] for s in states], fused=True, decoupled_weight_decay=True, amsgrad=False, beta1=b1, beta2=b2,
@@ -106,8 +109,8 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
     """The hidden matrices: attention projections and expert weights. Not the embedding, the LM
     head or the MoE router (their rows are per token or per expert, not a linear map to balance),
     and not lightning attention's sigmoid output gate: on Muon it cost the speedrun its copying of
-    listed values (seed 0: 157 of 199 held-out key lookups answered no value of the list, against
-    17 of 199 with the gate on AdamW; README, "Training, the speedrun and capability levels")."""
+    listed values in two seeds of three (seed 0: 157 of 199 held-out key lookups answered no value
+    of the list, against 17 of 199 with the gate on AdamW; docs/levels-log.md)."""
     return (p.dim() >= 2 and not name.startswith(("embed", "lm_head"))
             and not name.endswith(("moe.gate.weight", "attn.output_gate.weight")))
 
