@@ -107,7 +107,7 @@ RECIPES = {
                    vocab_size=1024, pretrain_docs=6000, pretrain_drills=12000,
                    sft_mix=dict(arithmetic=12000, tools=9000, recall=8000, countdown=5000, retrieval=2000),
                    sft_drills=4000, tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
-                   pretrain_steps=300, sft_steps=1100, pretrain_lr=3e-3, sft_lr=1e-3, eval_n=200,
+                   pretrain_steps=300, sft_steps=1200, pretrain_lr=3e-3, sft_lr=1e-3, eval_n=200,
                    curve_points=3, optimizer="muon", muon_lr=0.02, sft_muon_lr=0.005),
     # the 306.8M benchmark shape; for a GPU
     "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000,
