@@ -114,3 +114,11 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     assert all(doc in text for doc in kept) and not any(doc in text for doc in tasks.plain_lookup_text(2, 300, (3, 6)))
     assert all(doc in text for doc in tasks.countdown.check_drills(0, 25))  # and the search-check drills
     assert all(doc in text for doc in tasks.recall.check_drills(0, 10) + tasks.recall.scan_drills(0, 15))  # key drills
+
+
+def test_recipe_label_names_the_preset_a_recipe_equals():
+    from xinzhou.cli import recipe_label
+    assert recipe_label(RECIPES["tiny"]) == "tiny, muon"
+    assert recipe_label(dataclasses.replace(RECIPES["tiny"])) == "tiny, muon"  # an equal copy is the preset
+    assert recipe_label(dataclasses.replace(RECIPES["tiny"], sft_steps=7)) == "custom, muon"
+    assert recipe_label(dataclasses.replace(RECIPES["tiny"], doc_mask=False), "mine") == "mine, no document masking, muon"

@@ -121,14 +121,20 @@ def _log(msg: str) -> None:
     print(f"[xinzhou {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def recipe_label(r: Recipe, name: str | None = None) -> str:
+    """The report's name of a recipe: the given name, else the preset it equals, else "custom";
+    then what sets it apart (no document masking) and its optimizer."""
+    label = name or next((k for k, v in RECIPES.items() if v == r), "custom")
+    if not r.doc_mask:
+        label += ", no document masking"
+    return label + f", {r.optimizer}"
+
+
 def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: int = 0, name: str | None = None) -> Path:
     if isinstance(recipe, str) and recipe not in RECIPES:
         raise SystemExit(f"unknown preset {recipe!r}: expected one of {list(RECIPES)}")
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    recipe_name = recipe if isinstance(recipe, str) else (name or "custom")
-    if not r.doc_mask:
-        recipe_name += ", no document masking"
-    recipe_name += f", {r.optimizer}"
+    recipe_name = recipe_label(r, name)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is a file; --out must be a directory")
