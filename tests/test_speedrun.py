@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xinzhou import tasks
-from xinzhou.cli import RECIPES, speedrun
+from xinzhou.cli import RECIPES, recipe_label, speedrun
 from xinzhou.hf import load_hf
 from xinzhou.tokenizer import Tokenizer
 
@@ -117,7 +117,6 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
 
 
 def test_recipe_label_names_the_preset_a_recipe_equals():
-    from xinzhou.cli import recipe_label
     assert recipe_label(RECIPES["tiny"]) == "tiny, muon"
     assert recipe_label(dataclasses.replace(RECIPES["tiny"])) == "tiny, muon"  # an equal copy is the preset
     assert recipe_label(dataclasses.replace(RECIPES["tiny"], sft_steps=7)) == "custom, muon"

@@ -63,10 +63,10 @@ class MuonAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            lr, wd = group["lr"], group["weight_decay"]
             if not group["muon"]:
                 self._adamw(params, [self.state[p] for p in params], group)
                 continue
+            lr, wd = group["lr"], group["weight_decay"]
             for p in params:
                 if wd:
                     p.mul_(1 - lr * wd)
