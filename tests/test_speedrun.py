@@ -89,7 +89,7 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
         **RECIPES["tiny"].__dict__, "pretrain_docs": 120, "pretrain_drills": 40, "pretrain_steps": 2, "sft_steps": 2,
         "eval_n": 2, "curve_points": 0, "optimizer": "muon", "muon_lr": 0.03, "sft_muon_lr": 0.004, "rl_steps": 0,
         "sft_mix": dict(arithmetic=200, recall=20), "sft_drills": 30, "pretrain_plain_lookups": 10,
-        "sft_plain_lookups": 20, "sft_check_drills": 25, "sft_key_checks": 10, "sft_key_scans": 15, "lookup_steps": 2, "lookup_drills": 300, "sft_task_params": {"recall": {"thinking": "scan"}}})
+        "sft_plain_lookups": 20, "sft_check_drills": 25, "sft_key_checks": 10, "sft_key_scans": 15, "pretrain_key_scans": 12, "lookup_steps": 2, "lookup_drills": 300, "sft_task_params": {"recall": {"thinking": "scan"}}})
     out = speedrun(r, str(tmp_path / "run"))
     # the lookup stage trains on plain lookups only, and pretraining starts from its checkpoint
     lookups = json.loads((out / "lookups" / "run.json").read_text())["train"]
@@ -99,7 +99,12 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     assert pre["init_from"] == str(out / "lookups" / "ckpt")
     sft = json.loads((out / "sft" / "run.json").read_text())["train"]
     assert (pre["optimizer"], pre["muon_lr"]) == ("muon", 0.03) and (sft["optimizer"], sft["muon_lr"]) == ("muon", 0.004)
-    assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 170
+    assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 182
+    pre_meta = json.loads((out / "data" / "pretrain" / "meta.json").read_text())
+    pre_text = Tokenizer.load(out / "tokenizer" / "tokenizer.json").decode(
+        np.fromfile(out / "data" / "pretrain" / "tokens.bin", dtype=pre_meta["dtype"]).tolist())
+    assert all(doc in pre_text for doc in tasks.recall.scan_drills(1, 12))  # key scans, other lists than SFT's
+    assert not any(doc in pre_text for doc in tasks.recall.scan_drills(0, 15))
     assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 320
     assert "muon" in (out / "report.md").read_text() and not (out / "rl").exists()
     assert "## RL stage" not in (out / "report.md").read_text()

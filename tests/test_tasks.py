@@ -332,6 +332,7 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
     train_text |= set(countdown.check_drills(0, max(r.sft_check_drills, 300)))  # and its search-check drills
     train_text |= set(recall.check_drills(0, max(r.sft_key_checks, 300)))  # and its key-check drills
     train_text |= set(recall.scan_drills(0, max(r.sft_key_scans, 300)))  # and its key-scan drills
+    train_text |= set(recall.scan_drills(1, max(r.pretrain_key_scans, 300)))  # and pretraining's
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)

@@ -82,8 +82,10 @@ class Recipe:
     # fell in two, and L1 fell in all three (docs/levels-log.md)
     sft_key_checks: int = 0  # documents of balanced key checks (" c: f no=ocean q: q yes=mango") in the SFT mix
     # (recall.check_drills), for key lookups that think "check" (sft_task_params recall thinking)
+    pretrain_key_scans: int = 0  # the same documents (other lists) in pretraining instead; at 6,000 (seed 0) the
+    # lookups wrote their verdicts and answered words of no pair: key lookups 1% (docs/levels-log.md)
     sft_key_scans: int = 0  # documents of whole key-check scans of a list in the SFT mix (recall.scan_drills), for
-    # key lookups that think "check"; at 6,000 L1 reached 90% in three runs of four, and L3 and L5 fell (docs/levels-log.md)
+    # key lookups that think "check"; L1 reaches 90% in some runs and not others (docs/levels-log.md)
     optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" puts the hidden matrices on Muon at muon_lr
     muon_lr: float = 0.02
     sft_muon_lr: float | None = None  # the Muon rate of the SFT stage (None: muon_lr); a gentle SFT keeps what
@@ -101,13 +103,16 @@ RECIPES = {
     # ~10 minutes on 2 CPU cores. Full rotary (rotary_dim = head_dim) so that transformers' MiniMax,
     # which rotates the whole head, computes the same logits from the checkpoint.
     # Muon forms copying from the drills in pretraining; SFT keeps it with drills in its mix and rates a
-    # third (AdamW) and a quarter (Muon) of pretraining's (experiments/induction/README.md).
+    # third (AdamW) and a quarter (Muon) of pretraining's (experiments/induction/README.md). Key lookups think
+    # "check" and learn it from whole scans of lists; the tools share of the mix is smaller so that countdown
+    # and the scans fit (docs/levels-log.md).
     "tiny": Recipe(model=dict(name="tiny", hidden_size=128, head_dim=32, rotary_dim=32, expert_dim=256,
                               layer_types=("lightning", "softmax", "lightning", "softmax")),
                    vocab_size=1024, pretrain_docs=6000, pretrain_drills=12000,
-                   sft_mix=dict(arithmetic=12000, tools=9000, recall=8000, countdown=5000, retrieval=2000),
+                   sft_mix=dict(arithmetic=12000, tools=6000, recall=8000, countdown=6500, retrieval=2000),
+                   sft_task_params={"recall": {"thinking": "check"}}, sft_key_scans=6000,
                    sft_drills=4000, tool_turns=3, seq_len=256, batch_size=16, sft_seq_len=512, sft_batch_size=8,
-                   pretrain_steps=300, sft_steps=1200, pretrain_lr=3e-3, sft_lr=1e-3, eval_n=200,
+                   pretrain_steps=300, sft_steps=1300, pretrain_lr=3e-3, sft_lr=1e-3, eval_n=200,
                    curve_points=3, optimizer="muon", muon_lr=0.02, sft_muon_lr=0.005),
     # the 306.8M benchmark shape; for a GPU
     "small": Recipe(model=dict(name="small"), vocab_size=8192, pretrain_docs=200000,
@@ -153,6 +158,9 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
     _log(f"1/{total} curriculum: generating task conversations")
     pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills, r.pretrain_plain_lookups,
                                          r.plain_lookup_pairs)
+    if r.pretrain_key_scans:
+        pretrain_texts += tasks.recall.scan_drills(seed + 1, r.pretrain_key_scans)  # other lists than SFT's
+        random.Random(seed).shuffle(pretrain_texts)
     sft = []
     for family, n in r.sft_mix.items():
         samples = tasks.generate(family, "train", n, seed, **r.sft_task_params.get(family, {}))

@@ -150,7 +150,7 @@ def main() -> None:
                             sft_check_drills=args.sft_check_drills, sft_key_checks=args.sft_key_checks,
                             sft_key_scans=args.sft_key_scans,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
-                            sft_task_params={"recall": {"thinking": args.kv_thinking}},
+                            sft_task_params={"recall": {"thinking": args.kv_thinking}} if "recall" in mix else {},
                             curve_points=0, eval_n=args.eval_n)
     out = args.out or f"runs/induction-probe/{args.optimizer}-docs{args.pretrain_docs}-drills{args.drills}-seed{args.seed}"
     speedrun(r, out, seed=args.seed, name="L1/L5 probe")
