@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,13 @@ def test_speedrun_refuses_task_params_for_a_family_not_in_the_mix(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def shard_text(run: Path, stage: str) -> str:
+    """The whole text of a speedrun's packed shards of `stage`, decoded with the run's tokenizer."""
+    meta = json.loads((run / "data" / stage / "meta.json").read_text())
+    ids = np.fromfile(run / "data" / stage / "tokens.bin", dtype=meta["dtype"]).tolist()
+    return Tokenizer.load(run / "tokenizer" / "tokenizer.json").decode(ids)
+
+
 def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     # Muon in both stages, a gentler Muon rate for SFT, copying drills in both mixes
     r = RECIPES["tiny"].__class__(**{
@@ -100,18 +108,14 @@ def test_speedrun_recipe_options_reach_both_stages(tmp_path):
     sft = json.loads((out / "sft" / "run.json").read_text())["train"]
     assert (pre["optimizer"], pre["muon_lr"]) == ("muon", 0.03) and (sft["optimizer"], sft["muon_lr"]) == ("muon", 0.004)
     assert json.loads((out / "data" / "pretrain" / "meta.json").read_text())["n_docs"] == 182
-    pre_meta = json.loads((out / "data" / "pretrain" / "meta.json").read_text())
-    pre_text = Tokenizer.load(out / "tokenizer" / "tokenizer.json").decode(
-        np.fromfile(out / "data" / "pretrain" / "tokens.bin", dtype=pre_meta["dtype"]).tolist())
+    pre_text = shard_text(out, "pretrain")
     assert all(doc in pre_text for doc in tasks.recall.scan_drills(1, 12))  # key scans, other lists than SFT's
     assert not any(doc in pre_text for doc in tasks.recall.scan_drills(0, 15))
     assert json.loads((out / "data" / "sft" / "meta.json").read_text())["n_docs"] == 320
     assert "muon" in (out / "report.md").read_text() and not (out / "rl").exists()
     assert "## RL stage" not in (out / "report.md").read_text()
     # the recall samples' params reached the SFT data: a key lookup's thinking scans the list
-    meta = json.loads((out / "data" / "sft" / "meta.json").read_text())
-    ids = np.fromfile(out / "data" / "sft" / "tokens.bin", dtype=meta["dtype"]).tolist()
-    text = Tokenizer.load(out / "tokenizer" / "tokenizer.json").decode(ids)
+    text = shard_text(out, "sft")
     scans = re.findall(r"<think>\n((?:[a-z]:[a-z]=\w+ )*)([a-z]):\2=\w+\n</think>", text)
     assert scans and all(w[0] != asked and w[2] == asked for before, asked in scans for w in before.split())
     # the SFT mix keeps plain lookups (other drills than the stage's), at the recipe's 3-6 pairs

@@ -326,13 +326,13 @@ def test_speedrun_training_mix_never_contains_an_eval_problem() -> None:
     from xinzhou.cli import RECIPES
 
     r = RECIPES["tiny"]
-    train_text = set(tasks.pretrain_text(0, r.pretrain_docs, max(r.pretrain_drills, 300)))
+    train_text = set(tasks.pretrain_text(0, r.pretrain_docs, max(r.pretrain_drills, 300),
+                                         key_scans=max(r.pretrain_key_scans, 300)))  # with its key-scan drills
     train_text |= set(tasks.drill_text(1, max(r.sft_drills, 300)))  # the SFT mix's drills (speedrun: seed + 1)
     train_text |= set(countdown.step_drills(0, max(r.sft_step_drills, 300)))  # and its search-step drills
     train_text |= set(countdown.check_drills(0, max(r.sft_check_drills, 300)))  # and its search-check drills
     train_text |= set(recall.check_drills(0, max(r.sft_key_checks, 300)))  # and its key-check drills
     train_text |= set(recall.scan_drills(0, max(r.sft_key_scans, 300)))  # and its key-scan drills
-    train_text |= set(recall.scan_drills(1, max(r.pretrain_key_scans, 300)))  # and pretraining's
     for family, n in r.sft_mix.items():
         train = generate(family, "train", n, 0)
         spec = next(lv for lv in LEVELS.values() if lv.family == family)

@@ -157,10 +157,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
 
     _log(f"1/{total} curriculum: generating task conversations")
     pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills, r.pretrain_plain_lookups,
-                                         r.plain_lookup_pairs)
-    if r.pretrain_key_scans:
-        pretrain_texts += tasks.recall.scan_drills(seed + 1, r.pretrain_key_scans)  # other lists than SFT's
-        random.Random(seed).shuffle(pretrain_texts)
+                                         r.plain_lookup_pairs, r.pretrain_key_scans)
     sft = []
     for family, n in r.sft_mix.items():
         samples = tasks.generate(family, "train", n, seed, **r.sft_task_params.get(family, {}))

@@ -21,9 +21,11 @@ import torch
 
 from xinzhou import evals, tasks
 from xinzhou.hf import load_hf
+from xinzhou.tasks import countdown
 from xinzhou.tokenizer import Tokenizer
 
-STEP = re.compile(r"(?<![0-9])([0-9]{1,6})([-+*])([0-9]{1,6})=([0-9]{1,7})(?::([0-9]{1,7}))?( yes)?")
+# a written step as countdown's "steps exact" reads it ("8*4=32"), then its check (":11 yes") if any
+STEP = re.compile(countdown._STEP.pattern + r"(?::([0-9]{1,7}))?( yes)?")
 
 
 def step_kind(x: int, op: str, y: int, value: int) -> str:
@@ -49,7 +51,7 @@ def main() -> None:
         for m in STEP.finditer(a.reasoning):
             x, op, y, z, target, yes = m.groups()
             x, y, z = int(x), int(y), int(z)
-            value = x + y if op == "+" else x - y if op == "-" else x * y
+            value = countdown._apply(x, op, y)
             kind = step_kind(x, op, y, value)
             written[kind] += 1
             if value != z:

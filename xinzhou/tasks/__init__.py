@@ -106,10 +106,11 @@ def to_text(sample: Sample) -> str:
 
 
 def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0,
-                  plain_pairs: tuple[int, int] = (6, 12)) -> list[str]:
+                  plain_pairs: tuple[int, int] = (6, 12), key_scans: int = 0) -> list[str]:
     """`n` short plain-text documents: train-split problems of every family and filler paragraphs,
-    plus `drills` copying drills (drill_text) and `plain_lookups` lookup drills without a separator
-    of `plain_pairs` pairs (plain_lookup_text), shuffled together."""
+    plus `drills` copying drills (drill_text), `plain_lookups` lookup drills without a separator
+    of `plain_pairs` pairs (plain_lookup_text) and `key_scans` key-check scans of lists
+    (recall.scan_drills, with other lists than an SFT mix of the same seed), shuffled together."""
     rng = random.Random(f"pretrain/{seed}")
     per = -(-n // (len(FAMILIES) + 1))
     docs = [
@@ -122,4 +123,7 @@ def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0,
     docs = docs[:n] + drill_text(seed, drills) + plain_lookup_text(seed, plain_lookups, plain_pairs)
     if drills or plain_lookups:
         rng.shuffle(docs)
+    if key_scans:
+        docs += recall.scan_drills(seed + 1, key_scans)
+        random.Random(seed).shuffle(docs)
     return docs
