@@ -146,6 +146,26 @@ def test_recall_key_lookup_thinking() -> None:
             assert [w.split(":")[0] for w in written].count(asked) == 1
 
 
+def test_retrieval_thinking_and_lengths() -> None:
+    bare = generate("retrieval", "train", 40, seed=5)
+    fact = generate("retrieval", "train", 40, seed=5, thinking="fact")
+    assert [s.messages for s in bare] == [s.messages for s in fact]  # the same problems either way
+    for b, f in zip(bare, fact):
+        assert b.target[0]["reasoning_content"] == ""
+        name, code = f.meta["name"], f.meta["code"]
+        assert f.target[0]["reasoning_content"] == f" The code of {name} is {code}." and f.answer == str(code)
+        assert f.target[0]["reasoning_content"].strip() in user_text(f)  # the haystack's own sentence
+    with pytest.raises(ValueError, match="thinking = 'scan'"):
+        generate("retrieval", "train", 2, seed=0, thinking="scan")
+    with pytest.raises(ValueError, match="min_length <= length"):
+        generate("retrieval", "train", 2, seed=0, length=50, min_length=60)
+    lengths = [s.meta["length"] for s in generate("retrieval", "train", 200, seed=1, length=120, min_length=20)]
+    assert min(lengths) >= 20 and max(lengths) <= 120 and len(set(lengths)) > 50
+    for s in generate("retrieval", "train", 50, seed=2, length=120, min_length=20):
+        filler = len(user_text(s).split()) - 6 * 3 - 6  # three facts of six words, the question's six
+        assert s.meta["length"] <= filler < s.meta["length"] + 12
+
+
 def test_retrieval_fact_appears_once() -> None:
     for length in (50, 200, 1000):
         for s in generate("retrieval", "train", 30, seed=length, length=length, decoys=3):

@@ -126,6 +126,8 @@ def main() -> None:
                     help="whole key-check scans of a list in the SFT mix (Recipe.sft_key_scans, recall.scan_drills)")
     ap.add_argument("--kv-thinking", choices=("none", "scan", "pair", "check"), default="none",
                     help="the thinking of L1's key-lookup demonstrations (xinzhou/tasks/recall.py)")
+    ap.add_argument("--retrieval-thinking", choices=("none", "fact"), default="none",
+                    help="the thinking of L5's demonstrations (xinzhou/tasks/retrieval.py)")
     ap.add_argument("--kv-spaced-query", action="store_true",
                     help="key lookups (trained and held out) that write every key as one token form: ' f' "
                          "in the list and in the question (' c=ocean f=mango\\n f?'), where L1 writes 'f?'")
@@ -150,7 +152,8 @@ def main() -> None:
                             sft_check_drills=args.sft_check_drills, sft_key_checks=args.sft_key_checks,
                             sft_key_scans=args.sft_key_scans,
                             sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_muon_lr=args.sft_muon_lr,
-                            sft_task_params={"recall": {"thinking": args.kv_thinking}} if "recall" in mix else {},
+                            sft_task_params=({"recall": {"thinking": args.kv_thinking}} if "recall" in mix else {})
+                            | ({"retrieval": {"thinking": args.retrieval_thinking}} if "retrieval" in mix else {}),
                             curve_points=0, eval_n=args.eval_n)
     out = args.out or f"runs/induction-probe/{args.optimizer}-docs{args.pretrain_docs}-drills{args.drills}-seed{args.seed}"
     speedrun(r, out, seed=args.seed, name="L1/L5 probe")
