@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -12,7 +13,7 @@ from xinzhou.tasks import (
 )
 from xinzhou import tasks
 from xinzhou.tasks import arithmetic, countdown, recall, retrieval, tools
-from xinzhou.tasks.common import user_text
+from xinzhou.tasks.common import NAMES, user_text
 
 
 def answer_only(content: str) -> Parsed:
@@ -530,6 +531,14 @@ def test_drills_answer_right_and_never_hold_a_level_problem() -> None:
         in_order += [k for k, _ in again] == list(table)
     assert in_order <= 3  # a random order of 6+ keys is the listed one once in 720 or less
     assert not any(p in d for p in held_out for d in plain)
+    named = tasks.drill_text(0, 600, names=True)
+    names = set(NAMES)
+    assert not any(w in names for d in docs for w in re.findall(r"\w+", d))  # task words only by default
+    used = Counter(w for d in named for w in re.findall(r"\w+", d) if w in names)
+    assert len(used) == len(NAMES) and sum(used.values()) > 1000  # every name, in copies and lookup values
+    assert named[0::2] != repeat and all(len(set(d.split("\n"))) == 1 for d in named[0::2])
+    assert not any(p in d for p in held_out for d in named)
+    assert set(named[:30]) <= set(pretrain_text(0, 60, drills=30, drill_names=True))
     mixed = pretrain_text(0, 60, drills=30, plain_lookups=20)
     assert len(mixed) == 110 and set(docs[:30]) <= set(mixed) and set(plain[:20]) <= set(mixed)
     assert pretrain_text(0, 60) == pretrain_text(0, 60, 0, 0)

@@ -23,18 +23,22 @@ from __future__ import annotations
 import random
 import string
 
-from xinzhou.tasks.common import WORDS
+from xinzhou.tasks.common import NAMES, WORDS
 
 
-def drill_text(seed: int, n: int) -> list[str]:
-    """`n` drill documents, the kinds in turn (deterministic in seed)."""
+def drill_text(seed: int, n: int, names: bool = False) -> list[str]:
+    """`n` drill documents, the kinds in turn (deterministic in seed). With `names`, their words are
+    drawn from the task words and L5's person names together: names occur in no other pretraining
+    text than retrieval's facts, and a model that never copied one does not copy a name when asked
+    to (docs/levels-log.md)."""
     rng = random.Random(f"drills/{seed}")
-    return [_DRILLS[i % len(_DRILLS)](rng) for i in range(n)]
+    words = WORDS + NAMES if names else WORDS
+    return [_DRILLS[i % len(_DRILLS)](rng, words) for i in range(n)]
 
 
-def _repeat(rng: random.Random) -> str:
-    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-    return "\n".join([words] * rng.randint(2, 4))
+def _repeat(rng: random.Random, words: list[str]) -> str:
+    line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+    return "\n".join([line] * rng.randint(2, 4))
 
 
 def plain_lookup_text(seed: int, n: int, pairs: tuple[int, int] = (6, 12)) -> list[str]:
@@ -51,9 +55,9 @@ def plain_lookup_text(seed: int, n: int, pairs: tuple[int, int] = (6, 12)) -> li
     return docs
 
 
-def _lookup(rng: random.Random) -> str:
+def _lookup(rng: random.Random, words: list[str]) -> str:
     keys = rng.sample(string.ascii_lowercase, rng.randint(7, 12))
-    values = {k: rng.choice(WORDS) for k in keys}
+    values = {k: rng.choice(words) for k in keys}
     pairs = " ".join(f"{k}={v}" for k, v in values.items())
     # the first question (the one line that follows the list) asks for a key outside its last six
     # pairs, so no L1 problem (at most six pairs, then a question on one of them) is a substring
