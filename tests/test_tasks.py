@@ -539,6 +539,13 @@ def test_drills_answer_right_and_never_hold_a_level_problem() -> None:
     assert named[0::2] != repeat and all(len(set(d.split("\n"))) == 1 for d in named[0::2])
     assert not any(p in d for p in held_out for d in named)
     assert set(named[:30]) <= set(pretrain_text(0, 60, drills=30, drill_names=True))
+    few = tasks.drill_text(0, 400, names=True, few_words=3)
+    for d in few[0::2]:
+        lines = d.split("\n")
+        assert len(set(lines)) == 1 and 6 <= len(lines[0].split()) <= 10 and len(set(lines[0].split())) <= 3
+    assert sum(len(set(d.split("\n")[0].split())) < len(d.split("\n")[0].split()) for d in few[0::2]) == 200
+    with pytest.raises(ValueError, match="few_words"):
+        tasks.drill_text(0, 2, few_words=1)
     mixed = pretrain_text(0, 60, drills=30, plain_lookups=20)
     assert len(mixed) == 110 and set(docs[:30]) <= set(mixed) and set(plain[:20]) <= set(mixed)
     assert pretrain_text(0, 60) == pretrain_text(0, 60, 0, 0)

@@ -70,6 +70,7 @@ class Recipe:
     doc_mask: bool = True  # each document of a packed window on its own (TrainConfig.doc_mask)
     pretrain_drills: int = 0  # copying drills added to the pretraining documents (tasks.drill_text)
     drill_names: bool = False  # drills (pretraining's and SFT's) copy L5's person names too
+    drill_few_words: int = 0  # repeat drills of lines drawn from this many words, so a copy must keep its place
     pretrain_plain_lookups: int = 0  # lookup drills without a separator added to them (tasks.plain_lookup_text)
     lookup_steps: int = 0  # a stage before pretraining on nothing but lookup_drills plain lookups
     lookup_drills: int = 0  # (experiments/induction: lookups form there and not when mixed into pretraining)
@@ -158,7 +159,8 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
 
     _log(f"1/{total} curriculum: generating task conversations")
     pretrain_texts = tasks.pretrain_text(seed, r.pretrain_docs, r.pretrain_drills, r.pretrain_plain_lookups,
-                                         r.plain_lookup_pairs, r.pretrain_key_scans, r.drill_names)
+                                         r.plain_lookup_pairs, r.pretrain_key_scans, r.drill_names,
+                                         r.drill_few_words)
     sft = []
     for family, n in r.sft_mix.items():
         samples = tasks.generate(family, "train", n, seed, **r.sft_task_params.get(family, {}))
@@ -168,7 +170,7 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
             # every turn keeps the thinking it was generated with, and is trained
             sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools,
                             keep_all_thinking=True))
-    sft += tasks.drill_text(seed + 1, r.sft_drills, r.drill_names)  # other drills than pretraining's
+    sft += tasks.drill_text(seed + 1, r.sft_drills, r.drill_names, r.drill_few_words)  # other drills than pretraining's
     sft += tasks.plain_lookup_text(seed + 3, r.sft_plain_lookups, r.plain_lookup_pairs)  # nor the stage's
     sft += tasks.countdown.step_drills(seed, r.sft_step_drills)
     sft += tasks.countdown.check_drills(seed, r.sft_check_drills)

@@ -26,18 +26,26 @@ import string
 from xinzhou.tasks.common import NAMES, WORDS
 
 
-def drill_text(seed: int, n: int, names: bool = False) -> list[str]:
+def drill_text(seed: int, n: int, names: bool = False, few_words: int = 0) -> list[str]:
     """`n` drill documents, the kinds in turn (deterministic in seed). With `names`, their words are
     drawn from the task words and L5's person names together: names occur in no other pretraining
     text than retrieval's facts, and a model that never copied one does not copy a name when asked
-    to (docs/levels-log.md)."""
+    to (docs/levels-log.md). With `few_words` (>= 2), each repeat drill writes a line of 6-10 words
+    drawn from that many, so that words recur in it and the last word alone does not say which
+    comes next: a copy must follow its place in the line."""
+    if few_words == 1 or few_words < 0:
+        raise ValueError(f"drills: few_words must be 0 (off) or at least 2, got {few_words}")
     rng = random.Random(f"drills/{seed}")
     words = WORDS + NAMES if names else WORDS
-    return [_DRILLS[i % len(_DRILLS)](rng, words) for i in range(n)]
+    return [_DRILLS[i % len(_DRILLS)](rng, words, few_words) for i in range(n)]
 
 
-def _repeat(rng: random.Random, words: list[str]) -> str:
-    line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+def _repeat(rng: random.Random, words: list[str], few_words: int = 0) -> str:
+    if few_words:
+        pool = rng.sample(words, few_words)
+        line = " ".join(rng.choice(pool) for _ in range(rng.randint(6, 10)))
+    else:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
     return "\n".join([line] * rng.randint(2, 4))
 
 
@@ -55,7 +63,7 @@ def plain_lookup_text(seed: int, n: int, pairs: tuple[int, int] = (6, 12)) -> li
     return docs
 
 
-def _lookup(rng: random.Random, words: list[str]) -> str:
+def _lookup(rng: random.Random, words: list[str], few_words: int = 0) -> str:
     keys = rng.sample(string.ascii_lowercase, rng.randint(7, 12))
     values = {k: rng.choice(words) for k in keys}
     pairs = " ".join(f"{k}={v}" for k, v in values.items())
