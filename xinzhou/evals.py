@@ -97,6 +97,14 @@ def _tool_loop(client: Client, sample: tasks.Sample) -> tuple[Turn, Turn | None]
     return turns[0], turns[1] if len(turns) > 1 else None
 
 
+def complete_all(client: Client, samples: list[tasks.Sample], concurrency: int | None = None) -> list[Turn]:
+    """Each sample's first turn, `concurrency` samples at a time (None: as many as an EngineClient
+    batches, 32 for an endpoint): the batches a level's score is computed from."""
+    concurrency = concurrency or (client.max_batch if isinstance(client, EngineClient) else 32)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda s: client.complete([s.messages[-1]["content"]], s.tools or []), samples))
+
+
 def evaluate_level(client: Client, level: int, n: int | None = None, seed: int = 0,
                    concurrency: int | None = None) -> LevelResult:
     """One level's held-out samples through `client` (greedy for a fair score: EngineClient is, an
@@ -120,7 +128,7 @@ def evaluate_level(client: Client, level: int, n: int | None = None, seed: int =
             details = {"well-formed call": sum(formed) / len(samples), "right call": sum(right_call) / len(samples),
                        "right answer": accuracy}
         else:
-            first = list(pool.map(lambda s: client.complete([s.messages[-1]["content"]], s.tools or []), samples))
+            first = complete_all(client, samples, concurrency)
             answers = [parsed(t) for t in first]
             oks = [tasks.verify(s, a) for s, a in zip(samples, answers)]
             score = accuracy = sum(oks) / len(samples)

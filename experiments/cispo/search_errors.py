@@ -43,7 +43,7 @@ def main() -> None:
     spec = tasks.LEVELS[3]
     samples = tasks.generate(spec.family, "test", args.problems, 0, **spec.params)
     with evals.local_client(model, tok) as client:
-        answers = [evals.parsed(client.complete([s.messages[-1]["content"]], [])) for s in samples]
+        answers = [evals.parsed(t) for t in evals.complete_all(client, samples)]
     wrong, written, causes = Counter(), Counter(), Counter()
     passed = 0
     for s, a in zip(samples, answers):

@@ -14,7 +14,6 @@ Prints counts of passed and failed answers by that first error ("clean": none).
 """
 
 import argparse
-import concurrent.futures
 import re
 from collections import Counter
 from pathlib import Path
@@ -65,12 +64,8 @@ def main() -> None:
     ckpt = args.run / "sft" / "ckpt"
     model, tok = load_hf(ckpt).eval(), Tokenizer.load(ckpt)
     samples = [s for s in tasks.generate("recall", "test", args.problems, args.seed) if s.meta["kind"] == "kv"]
-    client = evals.local_client(model, tok)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(len(samples)) as ex:
-            outs = list(ex.map(lambda s: client.complete([s.messages[-1]["content"]], []), samples))
-    finally:
-        client.close()
+    with evals.local_client(model, tok) as client:
+        outs = evals.complete_all(client, samples)
     counts = Counter()
     for s, out in zip(samples, outs):
         ok = tasks.verify(s, evals.parsed(out))  # as the report scores it

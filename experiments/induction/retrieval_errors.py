@@ -43,7 +43,7 @@ def answer_kind(answer: str, asked: str, decoys: list[str]) -> str:
 
 
 def fact_kinds(reasoning: str, content: str, asked: str, facts: dict[str, str]) -> list[str]:
-    m = re.fullmatch(r" ?" + FACT.pattern, reasoning.strip())
+    m = FACT.fullmatch(reasoning.strip())
     if not m:
         return ["thinking: no fact"]
     name, code = m.groups()
@@ -60,14 +60,16 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a speedrun directory (its sft/ckpt is used)")
     ap.add_argument("--problems", type=int, default=200, help="held-out problems (the report scores 200)")
     ap.add_argument("--length", type=int, default=tasks.LEVELS[5].params["length"], help="haystack words")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the held-out draw (the report's is 0)")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = args.run / "sft" / "ckpt"
     model, tok = load_hf(ckpt).eval(), Tokenizer.load(ckpt)
-    samples = tasks.generate("retrieval", "test", args.problems, 0, length=args.length)
+    samples = tasks.generate("retrieval", "test", args.problems, args.seed, length=args.length)
     with evals.local_client(model, tok) as client:
-        answers = [evals.parsed(client.complete([s.messages[-1]["content"]], [])) for s in samples]
+        answers = [evals.parsed(t) for t in evals.complete_all(client, samples)]
     kinds, thoughts = Counter(), Counter()
     for s, a in zip(samples, answers):
         facts = dict(FACT.findall(s.messages[-1]["content"]))

@@ -122,7 +122,7 @@ def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0,
     ]
     docs += [" ".join(sentence(rng) for _ in range(rng.randint(2, 6))) for _ in range(per)]
     rng.shuffle(docs)
-    docs = docs[:n] + drill_text(seed, drills, drill_names, drill_few_words) + plain_lookup_text(seed, plain_lookups, plain_pairs)
+    docs = docs[:n] + drill_text(seed, drills, names=drill_names, few_words=drill_few_words) + plain_lookup_text(seed, plain_lookups, plain_pairs)
     if drills or plain_lookups:
         rng.shuffle(docs)
     if key_scans:

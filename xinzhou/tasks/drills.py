@@ -3,7 +3,8 @@
 A task sample trains one answer (a few tokens) per problem; a drill document asks for the same
 skill at every line, and pretraining trains every token. Two kinds, in the shapes L1 uses:
 
-    repeat:  a word sequence written two to four times, one per line
+    repeat:  a word sequence (3-8 words; 6-10 of a few recurring ones with `few_words`) written
+             two to four times, one per line
     lookup:  7-12 k=value pairs, then four "k? value" lines
 
 and a third, `plain_lookup_text`: lookups without a separator, "k value" pairs on one line, then
@@ -30,11 +31,11 @@ def drill_text(seed: int, n: int, names: bool = False, few_words: int = 0) -> li
     """`n` drill documents, the kinds in turn (deterministic in seed). With `names`, their words are
     drawn from the task words and L5's person names together: names occur in no other pretraining
     text than retrieval's facts, and a model that never copied one does not copy a name when asked
-    to (docs/levels-log.md). With `few_words` (>= 2), each repeat drill writes a line of 6-10 words
+    to (docs/levels-log.md). With `few_words` (2-5), each repeat drill writes a line of 6-10 words
     drawn from that many, so that words recur in it and the last word alone does not say which
     comes next: a copy must follow its place in the line."""
-    if few_words == 1 or few_words < 0:
-        raise ValueError(f"drills: few_words must be 0 (off) or at least 2, got {few_words}")
+    if few_words != 0 and not 2 <= few_words <= 5:
+        raise ValueError(f"drills: few_words must be 0 (off) or 2-5 (fewer than a line's 6 words), got {few_words}")
     rng = random.Random(f"drills/{seed}")
     words = WORDS + NAMES if names else WORDS
     return [_DRILLS[i % len(_DRILLS)](rng, words, few_words) for i in range(n)]

@@ -13,11 +13,11 @@ the same whatever it is):
 - "fact": the asked fact as the haystack writes it, then the answer:
   `<think> The code of Hiro is 4821.</think>4821`. Each digit of the code is then the token after
   a run of tokens that occurs once in the prompt (" of Hiro is 4 8"), where the bare answer's first
-  digit must be found from a name two tokens before the end of the prompt.
+  digit must be found from the question's name, about ten tokens back (the chat template's).
 
 In the tiny speedrun, "fact" with names in the copying drills (Recipe.drill_names) writes the asked
-name every time and then a whole fact's code about as often as bare answers do, the asked one a
-third of the time: it does not find the fact by its name (docs/levels-log.md).
+name every time; of the whole codes of facts it then writes, the asked one is a third: it does not
+find the fact by its name (docs/levels-log.md).
 """
 
 from __future__ import annotations
