@@ -170,7 +170,8 @@ def speedrun(recipe: str | Recipe = "tiny", out: str = "runs/speedrun", seed: in
             # every turn keeps the thinking it was generated with, and is trained
             sft.append(dict(messages=[m for s in group for m in tasks.conversation(s)], tools=group[0].tools,
                             keep_all_thinking=True))
-    sft += tasks.drill_text(seed + 1, r.sft_drills, names=r.drill_names, few_words=r.drill_few_words)  # other drills than pretraining's
+    # other drills than pretraining's
+    sft += tasks.drill_text(seed + 1, r.sft_drills, names=r.drill_names, few_words=r.drill_few_words)
     sft += tasks.plain_lookup_text(seed + 3, r.sft_plain_lookups, r.plain_lookup_pairs)  # nor the stage's
     sft += tasks.countdown.step_drills(seed, r.sft_step_drills)
     sft += tasks.countdown.check_drills(seed, r.sft_check_drills)

@@ -110,8 +110,8 @@ def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0,
                   drill_few_words: int = 0) -> list[str]:
     """`n` short plain-text documents: train-split problems of every family and filler paragraphs,
     plus `drills` copying drills (drill_text: with L5's names among their words if `drill_names`,
-    repeat lines of `drill_few_words` recurring words if that is set), `plain_lookups` lookup drills without a separator
-    of `plain_pairs` pairs (plain_lookup_text) and `key_scans` key-check scans of lists
+    repeat lines of `drill_few_words` recurring words if that is set), `plain_lookups` lookup drills
+    without a separator of `plain_pairs` pairs (plain_lookup_text) and `key_scans` key-check scans of lists
     (recall.scan_drills, with other lists than an SFT mix of the same seed), shuffled together."""
     rng = random.Random(f"pretrain/{seed}")
     per = -(-n // (len(FAMILIES) + 1))
@@ -122,7 +122,8 @@ def pretrain_text(seed: int, n: int, drills: int = 0, plain_lookups: int = 0,
     ]
     docs += [" ".join(sentence(rng) for _ in range(rng.randint(2, 6))) for _ in range(per)]
     rng.shuffle(docs)
-    docs = docs[:n] + drill_text(seed, drills, names=drill_names, few_words=drill_few_words) + plain_lookup_text(seed, plain_lookups, plain_pairs)
+    docs = (docs[:n] + drill_text(seed, drills, names=drill_names, few_words=drill_few_words)
+            + plain_lookup_text(seed, plain_lookups, plain_pairs))
     if drills or plain_lookups:
         rng.shuffle(docs)
     if key_scans:

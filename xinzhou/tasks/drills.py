@@ -38,10 +38,10 @@ def drill_text(seed: int, n: int, names: bool = False, few_words: int = 0) -> li
         raise ValueError(f"drills: few_words must be 0 (off) or 2-5 (fewer than a line's 6 words), got {few_words}")
     rng = random.Random(f"drills/{seed}")
     words = WORDS + NAMES if names else WORDS
-    return [_DRILLS[i % len(_DRILLS)](rng, words, few_words) for i in range(n)]
+    return [_repeat(rng, words, few_words) if i % 2 == 0 else _lookup(rng, words) for i in range(n)]
 
 
-def _repeat(rng: random.Random, words: list[str], few_words: int = 0) -> str:
+def _repeat(rng: random.Random, words: list[str], few_words: int) -> str:
     if few_words:
         pool = rng.sample(words, few_words)
         line = " ".join(rng.choice(pool) for _ in range(rng.randint(6, 10)))
@@ -64,7 +64,7 @@ def plain_lookup_text(seed: int, n: int, pairs: tuple[int, int] = (6, 12)) -> li
     return docs
 
 
-def _lookup(rng: random.Random, words: list[str], few_words: int = 0) -> str:
+def _lookup(rng: random.Random, words: list[str]) -> str:
     keys = rng.sample(string.ascii_lowercase, rng.randint(7, 12))
     values = {k: rng.choice(words) for k in keys}
     pairs = " ".join(f"{k}={v}" for k, v in values.items())
@@ -74,5 +74,3 @@ def _lookup(rng: random.Random, words: list[str], few_words: int = 0) -> str:
     questions = [first] + rng.sample([k for k in keys if k != first], 3)
     return pairs + "".join(f"\n{k}? {values[k]}" for k in questions)
 
-
-_DRILLS = (_repeat, _lookup)
