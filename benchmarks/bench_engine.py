@@ -7,7 +7,10 @@ The model is built as an XinzhouLM, written with `save_hf` and read back by tran
    `xinzhou.engine.generate` (every request admitted at once: one packed prefill, then one packed
    decode step per token) vs transformers `generate` (a [B, prompt] batch, no padding needed).
    tokens/s = B * new / time of the whole call (prefill included); the greedy tokens of the two are
-   compared (fp32 CPU runs agree exactly unless a near tie parts them).
+   compared (fp32 CPU runs agree exactly unless a near tie parts them). On CUDA (and in --smoke, where
+   the same fixed-shape steps run without capture) a third column: one `Engine(cuda_graphs=True)`
+   kept across the calls, so its graphs are captured in the warmup call and replayed in the timed
+   ones (engine/graphs.py); its greedy tokens are compared with the plain engine's.
 2. time to first token of a returning conversation: turn 1 is a `ttft_prompt`-token prompt and a
    32-token reply; turn 2 is turn 1 + its reply + 16 new tokens. TTFT of turn 2 (add_request to
    its first Token event) with prefix reuse (the turn-end snapshot restored; 17 tokens prefilled)
@@ -76,7 +79,18 @@ def build_pair(cfg: ModelConfig, dtype: torch.dtype) -> tuple[XinzhouLM, nn.Modu
     return xz.eval().to(dtype), hf.eval().to(dtype)
 
 
-def bench_decode(xz: XinzhouLM, hf: nn.Module, plan: Plan, device: torch.device) -> list[dict]:
+def engine_generate(engine: Engine, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Greedy, exactly `new` tokens for every prompt, through an engine that outlives the call."""
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=new)) for p in prompts]
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for e in engine.step():
+            if isinstance(e, Token):
+                out[e.request_id].append(e.token_id)
+    return [out[i] for i in ids]
+
+
+def bench_decode(xz: XinzhouLM, hf: nn.Module, plan: Plan, device: torch.device, graphs: bool) -> list[dict]:
     rows = []
     for B in plan.batches:
         prompts = torch.randint(0, xz.config.vocab_size, (B, plan.prompt), generator=torch.Generator().manual_seed(B))
@@ -92,15 +106,29 @@ def bench_decode(xz: XinzhouLM, hf: nn.Module, plan: Plan, device: torch.device)
             got["transformers"] = out[:, plan.prompt:].tolist()
 
         ms = {"xinzhou": time_ms(ours, *plan.reps, device), "transformers": time_ms(theirs, *plan.reps, device)}
+        if graphs:
+            engine = Engine(xz, max_batch=B, max_tokens_per_step=B * plan.prompt, prefix_reuse=False, cuda_graphs=True)
+
+            def with_graphs() -> None:
+                got["graphs"] = engine_generate(engine, prompts.tolist(), plan.new)
+
+            ms["graphs"] = time_ms(with_graphs, max(plan.reps[0], 1), plan.reps[1], device)
         same = sum(a == b for ra, rb in zip(got["xinzhou"], got["transformers"]) for a, b in zip(ra, rb))
         row = {"B": B, "prompt": plan.prompt, "new": plan.new,
                **{f"{k}_tok_s": B * plan.new / (v / 1e3) for k, v in ms.items()}, "ms": ms,
                "greedy_agreement": same / (B * plan.new)}
         row["ratio_xz_over_hf"] = row["xinzhou_tok_s"] / row["transformers_tok_s"]
+        line = (f"decode  B={B:<3} prompt={plan.prompt} new={plan.new}: xinzhou {row['xinzhou_tok_s']:9,.0f} tok/s | "
+                f"transformers {row['transformers_tok_s']:9,.0f} tok/s | xz/hf {row['ratio_xz_over_hf']:5.2f}x | "
+                f"greedy agree {row['greedy_agreement']:.2f}")
+        if graphs:
+            row["graphs_greedy_agreement"] = sum(a == b for ra, rb in zip(got["graphs"], got["xinzhou"])
+                                                 for a, b in zip(ra, rb)) / (B * plan.new)
+            row["ratio_graphs_over_hf"] = row["graphs_tok_s"] / row["transformers_tok_s"]
+            line += (f" | graphs {row['graphs_tok_s']:9,.0f} tok/s, /hf {row['ratio_graphs_over_hf']:5.2f}x, "
+                     f"agree with eager {row['graphs_greedy_agreement']:.2f}")
         rows.append(row)
-        print(f"decode  B={B:<3} prompt={plan.prompt} new={plan.new}: xinzhou {row['xinzhou_tok_s']:9,.0f} tok/s | "
-              f"transformers {row['transformers_tok_s']:9,.0f} tok/s | xz/hf {row['ratio_xz_over_hf']:5.2f}x | "
-              f"greedy agree {row['greedy_agreement']:.2f}", flush=True)
+        print(line, flush=True)
     return rows
 
 
@@ -205,7 +233,7 @@ def main() -> None:
     print(json.dumps(results["env"]), f"{cfg.num_params() / 1e6:.1f}M params, {plan.dtype}", flush=True)
     if "decode" not in args.skip:
         hf.to(device)
-        results["decode"] = bench_decode(xz, hf, plan, device)
+        results["decode"] = bench_decode(xz, hf, plan, device, graphs=device.type == "cuda" or args.smoke)
         hf.to("cpu")
     if "ttft" not in args.skip:
         results["ttft"] = bench_ttft(xz, plan, device)

@@ -74,7 +74,9 @@ def run(engine: Engine, arrivals: dict[int, list[tuple[list[int], SamplingParams
     return out, steps
 
 
-def test_greedy_equals_naive_whatever_the_batch_and_arrival(model):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_greedy_equals_naive_whatever_the_batch_and_arrival(model, cuda_graphs):
+    # cuda_graphs on a CPU: decode steps run at the padded fixed shapes a graph would replay
     rng = random.Random(0)
     arrivals: dict[int, list] = {}
     lengths = [1, 2, 200, 5, 90, 1, 33, 150, 7, 64, 3, 120, 11, 17]
@@ -82,8 +84,10 @@ def test_greedy_equals_naive_whatever_the_batch_and_arrival(model):
         prompt = [rng.randrange(V) for _ in range(n)]
         params = SamplingParams(max_new_tokens=rng.randint(1, 9))
         arrivals.setdefault(rng.randrange(0, 40), []).append((prompt, params))
-    # 3 slots, 40 tokens a step: long prompts prefill in chunks beside decoding requests, slots reused
-    engine = Engine(model, max_batch=3, max_tokens_per_step=40, page_size=8)
+    # 3 slots, 40 tokens a step: long prompts prefill in chunks beside decoding requests, slots reused;
+    # with graphs 5 slots, so that 3 decoding rows run in the bucket of 4, one row of it padding
+    slots = 5 if cuda_graphs else 3
+    engine = Engine(model, max_batch=slots, max_tokens_per_step=40, page_size=8, cuda_graphs=cuda_graphs)
     out, steps = run(engine, arrivals)
     assert len(out) == len(lengths)
     chunked = sum(1 for events in steps if not events)  # steps that only prefilled a chunk
@@ -93,11 +97,88 @@ def test_greedy_equals_naive_whatever_the_batch_and_arrival(model):
         assert r["tokens"] == naive_greedy(model, r["prompt"], n)
         assert r["finished"].reason == "length" and n == r["finished"].usage.completion_tokens
         assert r["finished"].usage.prompt_tokens == len(r["prompt"])
-    assert engine.cache.free_slots and len(engine.cache.free_slots) == 3
+    assert len(engine.cache.free_slots) == slots
     held = {p for snap in engine.prefix.entries.values() for p in snap.pages}
     free = set(engine.cache.free_pages)  # every page is free or held by a prefix snapshot, not both
-    assert free | held == set(range(engine.cache.num_pages)) and not free & held
+    scratch = set(engine.cache.pages[engine.graphs.scratch]) if cuda_graphs else set()  # or is the padding's
+    assert free | held | scratch == set(range(engine.cache.num_pages)) and not free & held and not free & scratch
+    if cuda_graphs:  # decode steps of 1 to 5 rows ran in buckets 1, 2, 4 and 5 (max_batch)
+        assert {b for b, _ in engine.graphs.shapes} >= {1, 2, 4} and len(scratch) == 1
     assert engine.prefill_tokens == sum(lengths) - sum(r["finished"].usage.cached_prompt_tokens for r in out.values())
+
+
+def test_fixed_shape_decode_gives_the_eager_logits_and_leaves_other_slots_alone(model):
+    """A padded decode step (3 real rows in a bucket of 4, keys padded to 16) against the eager
+    step on a twin cache: the same logits, and the same cache contents in every slot but the
+    scratch one."""
+    from xinzhou.cache import HybridCache
+    from xinzhou.engine.graphs import DecodeGraphs
+
+    caches = [HybridCache(model.config, 5, num_pages=24, page_size=4) for _ in range(2)]
+    prompts = {1: [3, 1, 4, 1, 5, 9, 2], 3: [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4], 2: [6, 6], 4: [9, 9, 9]}
+    with torch.no_grad():
+        for cache in caches:
+            for slot, prompt in prompts.items():
+                cache.lengths[slot] = 0
+                model(torch.tensor([prompt]), cache=cache, slots=[slot])
+    scratch = 0
+    caches[1].free_slots.remove(scratch)
+    caches[1].reserve(scratch, 1)
+    graphs = DecodeGraphs(model, caches[1], scratch, max_batch=4, capture=False)
+    with torch.no_grad():
+        for step, tokens in enumerate(([10, 20, 1], [30, 40, 2], [50, 7, 3])):
+            eager = model(torch.tensor([tokens]), cu_seqlens=torch.tensor([0, 1, 2, 3]), cache=caches[0],
+                          slots=[3, 1, 4], last_logits_only=True)[0]
+            fixed = graphs.step(tokens, [3, 1, 4])
+            torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+            assert fixed.shape == (3, V) and caches[1].lengths[3] == caches[0].lengths[3] == 12 + step
+    assert set(graphs.shapes) == {(4, 16)}  # batch bucket 4; up to 14 keys -> width 16
+    assert graphs.shape_for(3, 14) == (4, 16) and graphs.shape_for(1, 33) == (1, 64)
+    for layer in caches[0].lightning_layers:  # slot 2 untouched, slots 1 and 3 stepped alike (other shapes round
+        assert torch.equal(caches[1].state[layer][2], caches[0].state[layer][2])  # differently)
+        torch.testing.assert_close(caches[1].state[layer][1:], caches[0].state[layer][1:], rtol=1e-3, atol=1e-4)
+    for layer in caches[0].kv_layers:
+        for slot in (1, 2, 3):  # each slot's keys, at the pool rows of its pages in each cache
+            rows = [torch.tensor([p * 4 + i for p in c.pages[slot] for i in range(4)]) for c in caches]
+            keys = [c.k_pool[layer][r][:c.lengths[slot]] for c, r in zip(caches, rows)]
+            torch.testing.assert_close(keys[1], keys[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="more than max_batch = 4"):
+        graphs.shape_for(5, 10)
+    with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device"):
+        DecodeGraphs(model, caches[1], scratch, max_batch=4, capture=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a CUDA GPU only")
+def test_decode_graphs_on_cuda_replay_the_eager_step():
+    """Captured and replayed (bf16, CUDA): each replay reads the step's own inputs (three steps with
+    other tokens, slots and lengths through one graph) and gives the eager step's logits, and the
+    engine's greedy tokens with graphs are the plain engine's (but for a near tie that bf16 rounds
+    apart: a graph that read stale or wrong inputs would agree on almost none)."""
+    from xinzhou.cache import HybridCache
+    from xinzhou.engine.graphs import DecodeGraphs
+
+    model = tiny("hybrid").cuda().to(torch.bfloat16)
+    caches = [HybridCache(model.config, 5, num_pages=24, page_size=4, device="cuda", dtype=torch.bfloat16)
+              for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            for slot, prompt in {1: [3, 1, 4, 1, 5], 3: [2, 7, 1, 8, 2, 8, 1], 4: [9, 9, 9]}.items():
+                model(torch.tensor([prompt], device="cuda"), cache=cache, slots=[slot])
+    caches[1].free_slots.remove(0)
+    caches[1].reserve(0, 1)
+    graphs = DecodeGraphs(model, caches[1], 0, max_batch=4)
+    with torch.no_grad():
+        for tokens, slots in (([10, 20, 1], [3, 1, 4]), ([30, 2], [4, 1]), ([50, 7, 3], [1, 4, 3])):
+            cu = torch.arange(len(tokens) + 1, device="cuda")
+            eager = model(torch.tensor([tokens], device="cuda"), cu_seqlens=cu, cache=caches[0], slots=slots,
+                          last_logits_only=True)[0]
+            torch.testing.assert_close(graphs.step(tokens, slots), eager, rtol=2e-2, atol=2e-2)
+    assert all(shape.graph is not None for shape in graphs.shapes.values()) and len(graphs.shapes) == 2
+    prompts = [[random.Random(i).randrange(V) for _ in range(20 + 7 * i)] for i in range(3)]
+    outs = [run(Engine(model, max_batch=4, cuda_graphs=g), {0: [(p, SamplingParams(max_new_tokens=12))
+                                                               for p in prompts]})[0] for g in (False, True)]
+    pairs = [(a, b) for r0, r1 in zip(outs[0].values(), outs[1].values()) for a, b in zip(r0["tokens"], r1["tokens"])]
+    assert len(pairs) == 36 and sum(a == b for a, b in pairs) >= 32  # bf16 rounds other shapes differently
 
 
 def test_generate_wrapper_matches_naive_and_reports_stops(model):

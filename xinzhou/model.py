@@ -306,6 +306,28 @@ class XinzhouLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                      token_mask: torch.Tensor | None, packing: Packing | None,
+                      segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks and the final norm for a layout forward() has worked out (or, for a decode step
+        replayed at fixed shapes, engine/graphs.py): the hidden states [B, T, C] and each block's
+        balance statistics."""
+        x = self.embed(input_ids)  # [B, T, C] ([1, B * T, C] packed)
+        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x.dtype)
+        stats = []
+        for block in self.layers:
+            x, s = block(x, cos, sin, mask, token_mask, packing, segment_ids)
+            stats.append(s)
+        return self.norm(x), stats
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., C] -> logits [..., V] (in fp32 when config.lm_head_fp32)."""
+        w = self.head_weight()
+        if self.config.lm_head_fp32:  # outside autocast, or it would run in bf16 anyway
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), w.float())
+        return F.linear(x, w)
+
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: HybridCache | None = None,
@@ -342,13 +364,7 @@ class XinzhouLM(nn.Module):
                                  "cu_seqlens, a cache, attention_mask or position_ids")
             position_ids, mask = segment_layout(segment_ids, T)
 
-        x = self.embed(input_ids)  # [B, T, C] ([1, B * T, C] packed)
-        cos, sin = rope_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, x.dtype)
-        stats = []
-        for block in self.layers:
-            x, s = block(x, cos, sin, mask, token_mask, packing, segment_ids)
-            stats.append(s)
-        x = self.norm(x)
+        x, stats = self.hidden_states(input_ids, position_ids, mask, token_mask, packing, segment_ids)
         if cache is not None:
             cache.end(packing)
 
@@ -363,12 +379,7 @@ class XinzhouLM(nn.Module):
             # the mean over those is the loss ignore_index gives, with the same gradients
             keep = targets.reshape(-1) != -100
             x, targets = x.reshape(-1, x.shape[-1])[keep], targets.reshape(-1)[keep]
-        w = self.head_weight()
-        if cfg.lm_head_fp32:  # outside autocast, or it would run in bf16 anyway
-            with torch.autocast(x.device.type, enabled=False):
-                logits = F.linear(x.float(), w.float())  # [B, T, V]
-        else:
-            logits = F.linear(x, w)  # [B, T, V]
+        logits = self.head(x)  # [B, T, V]
         if targets is None:
             return logits.float()
         # from the head's dtype: the fused kernel on CUDA reads bf16 logits once (no fp32 copy)

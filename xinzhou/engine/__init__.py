@@ -9,7 +9,8 @@ every prompt admitted at once. With a seed, prompt i samples with seed + i (so c
 draw different samples, each reproducible whatever else is in the batch).
 
 Modules: sampling.py (parameters, checks, transforms), scheduler.py (Engine and its events),
-prefix.py (snapshot LRU), logprobs.py (`token_logprobs`, the one definition of a log-probability).
+prefix.py (snapshot LRU), graphs.py (fixed-shape decode steps, CUDA graphs), logprobs.py
+(`token_logprobs`, the one definition of a log-probability).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xinzhou.cache import HybridCache, cache_sizes
+from xinzhou.engine.graphs import DecodeGraphs
 from xinzhou.engine.logprobs import logprobs_of
 from xinzhou.engine.prefix import PrefixCache
 from xinzhou.engine.sampling import Guide, SamplingParams, check_prompt, sample_token, validate_stops
@@ -91,12 +92,15 @@ class Engine:
     for text deltas and stop strings (None: token events only). cache_bytes: the budget of the
     lightning states of max_batch slots plus the KV page pool (None: room for max_batch sequences
     of min(max_position_embeddings, 4096) tokens). prefix_state_bytes / prefix_entries bound the
-    snapshots kept for prefix reuse (None: two snapshots per slot)."""
+    snapshots kept for prefix reuse (None: two snapshots per slot). cuda_graphs: steps where every
+    request decodes run at fixed shapes, replayed from CUDA graphs on a GPU (engine/graphs.py; needs a
+    bf16 model there); it takes one more slot's lightning state and one KV page, as scratch for the
+    padding rows. On a CPU the same fixed-shape steps run eagerly (no faster: for tests)."""
 
     def __init__(self, model: XinzhouLM, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
                  max_tokens_per_step: int = 512, cache_bytes: int | None = None, page_size: int = 16,
                  prefix_reuse: bool = True, prefix_state_bytes: int | None = None,
-                 prefix_entries: int | None = None) -> None:
+                 prefix_entries: int | None = None, cuda_graphs: bool = False) -> None:
         for name, value in (("max_batch", max_batch), ("max_tokens_per_step", max_tokens_per_step),
                             ("page_size", page_size)):
             if not isinstance(value, int) or value < 1:
@@ -114,8 +118,17 @@ class Engine:
             raise ValueError(f"cache_bytes = {cache_bytes}: less than the {state_bytes} bytes of lightning "
                              f"state that max_batch = {max_batch} slots need")
         num_pages = (cache_bytes - state_bytes) // page_bytes if page_bytes else 0
-        self.cache = HybridCache(cfg, max_batch, num_pages=num_pages, page_size=page_size,
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs = {cuda_graphs!r}: must be True or False")
+        scratch = 1 if cuda_graphs else 0  # a slot and a page that no request gets: the padding rows'
+        self.cache = HybridCache(cfg, max_batch + scratch, num_pages=num_pages + scratch, page_size=page_size,
                                  device=param.device, dtype=param.dtype)
+        self.graphs = None
+        if cuda_graphs:
+            slot = self.cache.acquire()
+            self.cache.reserve(slot, 1)
+            self.graphs = DecodeGraphs(model, self.cache, slot, max_batch)
+        self.request_pages = self.cache.num_pages - len(self.cache.pages[slot] if cuda_graphs else [])
         self.prefix = PrefixCache(
             self.cache,
             max_state_bytes=(2 * state_bytes if prefix_state_bytes is None else prefix_state_bytes) if prefix_reuse else 0,
@@ -142,10 +155,10 @@ class Engine:
         prompt = check_prompt(prompt_ids, self.model.config, params.max_new_tokens)
         validate_stops(params, self.model.config, self.tokenizer is not None)
         need = self.cache.pages_for(len(prompt) + params.max_new_tokens)
-        if need > self.cache.num_pages:
+        if need > self.request_pages:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens = {params.max_new_tokens} needs "
                              f"{need} KV pages of {self.cache.page_size} tokens; the cache has "
-                             f"{self.cache.num_pages} in all (raise cache_bytes)")
+                             f"{self.request_pages} in all (raise cache_bytes)")
         device = self.cache.device
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -190,16 +203,18 @@ class Engine:
         tokens = []
         for r, n in batch:
             tokens += r.output[-1:] if r.decoding else r.prompt[r.prefilled:r.prefilled + n]
-        lens = [n for _, n in batch]
         device = self.cache.device
-        ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]  # [1, total]
-        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
         was_training = self.model.training
         if was_training:  # (toggling walks every module: only when needed)
             self.model.eval()
         try:
-            logits = self.model(ids, cu_seqlens=cu, cache=self.cache, slots=[r.slot for r in reqs],
-                                last_logits_only=True)[0]  # [N, V]
+            if self.graphs is not None and all(r.decoding for r in reqs):
+                logits = self.graphs.step(tokens, [r.slot for r in reqs])  # [N, V]
+            else:
+                ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]  # [1, total]
+                cu = torch.tensor([0, *itertools.accumulate(n for _, n in batch)], dtype=torch.int32, device=device)
+                logits = self.model(ids, cu_seqlens=cu, cache=self.cache, slots=[r.slot for r in reqs],
+                                    last_logits_only=True)[0]  # [N, V]
         finally:
             if was_training:
                 self.model.train()
