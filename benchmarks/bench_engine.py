@@ -25,6 +25,7 @@ after a warmup call (CUDA events on the GPU, perf_counter on the CPU; benchmarks
     python benchmarks/bench_engine.py --out bench_engine.json                 # CUDA if present, else CPU
     python benchmarks/bench_engine.py --device cpu --out /tmp/bench_engine.json
     python benchmarks/bench_engine.py --smoke --out /tmp/smoke.json           # tiny shapes: every path
+    python benchmarks/bench_engine.py --skip decode ttft --long 1048575 --out long.json   # 1M tokens (GPU)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -137,6 +138,7 @@ def first_token_ms(engine: Engine, prompt: list[int], device: torch.device) -> t
     before = engine.prefill_tokens
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.add_request(prompt, SamplingParams(max_new_tokens=1))
     while not any(isinstance(e, Token) for e in engine.step()):
@@ -192,6 +194,7 @@ def bench_long(xz: XinzhouLM, plan: Plan, device: torch.device) -> dict:
     state_shapes = {i: tuple(t.shape) for i, t in engine.cache.state.items()}
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.add_request(prompt, SamplingParams(max_new_tokens=1))
     steps = 0
@@ -202,9 +205,13 @@ def bench_long(xz: XinzhouLM, plan: Plan, device: torch.device) -> dict:
     seconds = time.perf_counter() - t0
     out["prefill"] = {"tokens": plan.long, "chunk": plan.chunk, "steps": steps, "seconds": seconds,
                       "tokens_per_s": plan.long / seconds, "cache_bytes": engine.cache.memory_bytes()}
+    peak = ""
+    if device.type == "cuda":  # weights, cache and the largest chunk's activations
+        out["prefill"]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     print(f"prefill {plan.long} tokens in {steps} chunks of {plan.chunk}: {seconds:.1f} s "
           f"({plan.long / seconds:,.0f} tok/s), cache {engine.cache.memory_bytes() / MIB:.1f} MiB, "
-          f"lightning state {state / MIB:.3f} MiB whatever the length", flush=True)
+          f"lightning state {state / MIB:.3f} MiB whatever the length{peak}", flush=True)
     return out
 
 
@@ -214,11 +221,16 @@ def main() -> None:
     parser.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda if present")
     parser.add_argument("--smoke", action="store_true", help="tiny preset and shapes: checks every code path")
     parser.add_argument("--skip", nargs="*", default=[], choices=("decode", "ttft", "long"))
+    parser.add_argument("--long", type=int, default=None,
+                        help="prompt tokens of the long prefill (default: the plan's; the small preset takes up to "
+                             "1048575, its 2^20 positions less the one new token)")
+    parser.add_argument("--chunk", type=int, default=None, help="tokens per prefill step (default: the plan's)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU here")
     plan = PLANS["smoke" if args.smoke else device.type]
+    plan = replace(plan, long=args.long or plan.long, chunk=args.chunk or plan.chunk)
     cfg = preset(plan.preset, **plan.overrides)
     if cfg.rotary_dim != cfg.head_dim:
         cfg = cfg.replace(rotary_dim=cfg.head_dim)

@@ -194,3 +194,29 @@ def test_snapshot_restore_shares_full_pages_and_copies_the_partial_one(kind):
     assert len(cache.free_pages) == 12 - 3  # the snapshot still holds its three pages
     cache.drop(snap)
     assert len(cache.free_pages) == 12
+
+
+@pytest.mark.parametrize("seqlens", [[7], [5, 1, 1], [1, 6], [4, 3, 1]])
+def test_attention_without_a_built_mask_equals_the_masked_one(seqlens):
+    """One sequence alone, or one prompt chunk beside decoding rows, attends with a causal bias
+    aligned to its last key instead of a [Tm, S] mask (none is built for the one-sequence step);
+    the outputs equal SDPA under the full mask. Several chunks at once still use a mask."""
+    import torch.nn.functional as F
+
+    cfg = preset("tiny", vocab_size=50, layer_types=("softmax",))
+    cache = HybridCache(cfg, 4, num_pages=40, page_size=4)
+    for slot, n in enumerate((9, 2, 13, 0)):
+        cache.reserve(slot, n)
+        cache.lengths[slot] = n
+    packing = cache.begin(list(range(len(seqlens))), seqlens)
+    g = torch.Generator().manual_seed(0)
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = torch.randn(1, sum(seqlens), H, D, generator=g)
+    k = torch.randn(len(seqlens), KV, packing.keys, D, generator=g)
+    v = torch.randn(len(seqlens), KV, packing.keys, D, generator=g)
+    got = packing.attend(q, k, v, gqa=H != KV)
+    if len(seqlens) == 1:
+        assert packing._mask is None
+    want = F.scaled_dot_product_attention(packing.pad(q).transpose(1, 2), k, v, attn_mask=packing.mask,
+                                          enable_gqa=H != KV)
+    torch.testing.assert_close(got, packing.unpad(want.transpose(1, 2)), rtol=1e-5, atol=1e-6)

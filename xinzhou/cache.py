@@ -24,10 +24,12 @@ KV key/value heads, D head dim, H lightning heads.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from xinzhou.config import ModelConfig
 from xinzhou.ops.lightning import lightning_decode
@@ -52,7 +54,10 @@ class Packing:
 
     seqlens[i] new tokens of sequence i start at packed index cu[i] and at position starts[i] (its
     cached length; 0 without a cache). Attention runs on a padded [N, Tm] view of the queries
-    (`pad` / `unpad`) against [N, S] keys (`keys_values`) under `mask`."""
+    (`pad` / `unpad`) against [N, S] keys (`keys_values`) under `mask`, which is built only when
+    needed: one sequence alone (a long prompt's chunks) attends causally aligned to its last key,
+    with no [Tm, S] mask in memory (at a 1M-token context and 8K-token chunks that mask would be
+    8 GiB)."""
     seqlens: list[int]
     starts: list[int]
     cu_seqlens: torch.Tensor  # [N + 1] int32
@@ -60,12 +65,12 @@ class Packing:
     last_index: torch.Tensor  # [N]: packed index of each sequence's last token
     q_index: torch.Tensor  # [N, Tm]: packed index of each padded query (clamped inside its sequence)
     unpad_index: torch.Tensor  # [total]: row of each packed token in the flattened [N * Tm] view
-    mask: torch.Tensor  # [N, 1, Tm, S] bool, True = attend
     cache: HybridCache | None = None
     slots: list[int] = field(default_factory=list)
     write_rows: torch.Tensor | None = None  # [total]: pool row each new key goes to (with a cache)
     read_rows: torch.Tensor | None = None  # [N, S]: pool row of every key of each sequence
     _slot_index: torch.Tensor | None = None  # slots as a device tensor, built on first use
+    _mask: torch.Tensor | None = None  # `mask`, built on first use (or given: engine/graphs.py)
 
     @staticmethod
     def of(seqlens: list[int], device: torch.device, starts: list[int] | None = None) -> Packing:
@@ -83,20 +88,36 @@ class Packing:
         start = torch.tensor(starts, dtype=torch.long)
         t = torch.arange(Tm)
         q_index = cu[:-1, None] + torch.minimum(t[None, :], lens[:, None] - 1)  # [N, Tm]
-        S = max(s + n for s, n in zip(starts, seqlens))
-        s = torch.arange(S)
-        q_pos = start[:, None] + t[None, :]  # [N, Tm]
-        end = (start + lens)[:, None, None]
-        # a padded query row (t >= n) sees its sequence's keys: finite, and dropped by unpad
-        mask = (s[None, None, :] <= q_pos[:, :, None]) & (s[None, None, :] < end)  # [N, Tm, S]
         return Packing(
             seqlens=list(seqlens), starts=list(starts),
             cu_seqlens=cu.to(device=device, dtype=torch.int32),
             position_ids=(start[seq_of] + offset)[None].to(device),
             last_index=(cu[1:] - 1).to(device),
             q_index=q_index.to(device),
-            unpad_index=(seq_of * Tm + offset).to(device),
-            mask=mask[:, None].to(device))
+            unpad_index=(seq_of * Tm + offset).to(device))
+
+    @property
+    def keys(self) -> int:
+        """S: the keys of the longest sequence (cached + new)."""
+        return max(a + n for a, n in zip(self.starts, self.seqlens))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[N, 1, Tm, S] bool, True = attend: causal within each sequence."""
+        if self._mask is None:
+            self._mask = self.mask_of(range(len(self.seqlens)), max(self.seqlens))
+        return self._mask
+
+    def mask_of(self, rows: Iterable[int], Tm: int) -> torch.Tensor:
+        """The mask of some sequences only, over Tm queries: [len(rows), 1, Tm, S]."""
+        rows = list(rows)
+        start = torch.tensor([self.starts[i] for i in rows], dtype=torch.long)
+        end = start + torch.tensor([self.seqlens[i] for i in rows], dtype=torch.long)
+        s = torch.arange(self.keys)
+        q_pos = start[:, None] + torch.arange(Tm)[None, :]  # [rows, Tm]
+        # a padded query row (t >= n) sees its sequence's keys: finite, and dropped by unpad
+        mask = (s[None, None, :] <= q_pos[:, :, None]) & (s[None, None, :] < end[:, None, None])
+        return mask[:, None].to(self.position_ids.device)
 
     @property
     def total(self) -> int:
@@ -124,17 +145,25 @@ class Packing:
         each: in the padded [N, Tm] view they would cost Tm queries apiece."""
         qp = self.pad(q).transpose(1, 2)  # [N, H, Tm, D]
         Tm = qp.shape[2]
+        if len(self.seqlens) == 1 and self._mask is None:
+            return self.unpad(_causal_to_end(qp, k, v, gqa).transpose(1, 2))
         ones = [i for i, n in enumerate(self.seqlens) if n == 1]
         if Tm == 1 or not ones or len(ones) == len(self.seqlens):
             o = F.scaled_dot_product_attention(qp, k, v, attn_mask=self.mask, enable_gqa=gqa)
             return self.unpad(o.transpose(1, 2))
-        one = torch.tensor(ones, device=q.device)
-        rest = torch.tensor([i for i, n in enumerate(self.seqlens) if n > 1], device=q.device)
+        rest = [i for i, n in enumerate(self.seqlens) if n > 1]
         o = qp.new_zeros(qp.shape)  # the padded rows of one-token sequences stay 0 and are dropped by unpad
+        one = torch.tensor(ones, device=q.device)
         o[one, :, :1] = F.scaled_dot_product_attention(qp[one, :, :1], k[one], v[one],
-                                                       attn_mask=self.mask[one, :, :1], enable_gqa=gqa)
-        o[rest] = F.scaled_dot_product_attention(qp[rest], k[rest], v[rest], attn_mask=self.mask[rest],
-                                                 enable_gqa=gqa)
+                                                       attn_mask=self.mask_of(ones, 1), enable_gqa=gqa)
+        if len(rest) == 1:  # one prompt chunk beside decoding requests: its own keys, no mask
+            i, n = rest[0], self.seqlens[rest[0]]
+            end = self.starts[i] + n
+            o[i:i + 1, :, :n] = _causal_to_end(qp[i:i + 1, :, :n], k[i:i + 1, :, :end], v[i:i + 1, :, :end], gqa)
+        else:
+            many = torch.tensor(rest, device=q.device)
+            o[many] = F.scaled_dot_product_attention(qp[many], k[many], v[many], attn_mask=self.mask_of(rest, Tm),
+                                                     enable_gqa=gqa)
         return self.unpad(o.transpose(1, 2))
 
     @property
@@ -157,6 +186,16 @@ class Packing:
     def store_lightning_state(self, layer: int, state: torch.Tensor | None) -> None:
         if self.cache is not None:
             self.cache.write_state(layer, self.slots, state)
+
+
+def _causal_to_end(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """One sequence's Tm queries [1, H, Tm, D], the last Tm of its S keys [1, KV, S, D]: query t
+    sees keys up to S - Tm + t (causal aligned to the end), with no mask in memory where the
+    backend allows (torch's lower-right causal bias: FlashAttention on CUDA)."""
+    Tm, S = q.shape[2], k.shape[2]
+    if Tm == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tm, S), enable_gqa=gqa)
 
 
 @dataclass
@@ -285,7 +324,7 @@ class HybridCache:
         packing = Packing.of(seqlens, self.device, starts)
         packing.cache, packing.slots = self, list(slots)
         if self.kv_layers:
-            S = packing.mask.shape[-1]
+            S = packing.keys
             width = max(len(self.pages[s]) for s in slots)
             table = torch.tensor([self.pages[s] + [0] * (width - len(self.pages[s])) for s in slots],
                                  dtype=torch.long)  # [N, width]

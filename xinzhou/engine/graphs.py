@@ -94,7 +94,7 @@ class DecodeGraphs:
         (fp32), as model(ids, cu_seqlens=..., cache=..., slots=slots, last_logits_only=True)[0]."""
         n = len(tokens)
         packing = self.cache.begin(slots, [1] * n)  # reserves pages; the rows and mask of the real rows
-        keys = packing.mask.shape[-1]
+        keys = packing.keys
         key = self.shape_for(n, keys)
         shape = self.shapes.get(key)
         if shape is None:
@@ -116,7 +116,7 @@ class DecodeGraphs:
             cu_seqlens=torch.arange(batch + 1, dtype=torch.int32, device=dev),
             position_ids=torch.zeros(1, batch, dtype=torch.long, device=dev),
             last_index=arange, q_index=arange[:, None].clone(), unpad_index=arange.clone(),
-            mask=torch.zeros(batch, 1, 1, keys, dtype=torch.bool, device=dev),
+            _mask=torch.zeros(batch, 1, 1, keys, dtype=torch.bool, device=dev),
             cache=self.cache, slots=[self.scratch] * batch,
             write_rows=torch.full((batch,), row, dtype=torch.long, device=dev),
             read_rows=torch.full((batch, keys), row, dtype=torch.long, device=dev),
@@ -138,7 +138,7 @@ class DecodeGraphs:
 
     def _load(self, shape: _Shape, tokens: list[int], slots: list[int], packing: Packing) -> None:
         """Copy the step's inputs into the shape's buffers: real rows first, padding after."""
-        p, n, keys = shape.packing, len(tokens), packing.mask.shape[-1]
+        p, n, keys = shape.packing, len(tokens), packing.keys
         dev, row = self.cache.device, self.scratch_row
         shape.ids[0, :n] = torch.tensor(tokens, dtype=torch.long, device=dev)
         shape.ids[0, n:] = 0
