@@ -17,7 +17,9 @@ step, so padding never accumulates anything.
 
 A captured graph keeps the addresses of the cache's tensors, so the page pool must be fixed in
 size (the engine's is). Capture needs a step with no host synchronisation: on CUDA that is a bf16
-model (the MoE's grouped GEMM takes bf16; its fp32 fallback loops over experts on the host).
+model whose MoE runs torch's grouped GEMM (its fallback loops over experts on the host). Shapes
+are captured when first met, so a new batch or length bucket costs one capture (two eager warm-up
+steps and the capture) in the step that meets it.
 Without capture (on a CPU, or capture=False) the same fixed-shape step runs eagerly: no faster,
 and what the tests check on machines without a GPU.
 """
@@ -30,6 +32,7 @@ import torch
 
 from xinzhou.cache import HybridCache, Packing
 from xinzhou.model import XinzhouLM
+from xinzhou.ops import moe as moe_ops
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -67,6 +70,15 @@ class DecodeGraphs:
         if self.capture and dtype != torch.bfloat16:
             raise ValueError(f"CUDA graphs need a bf16 model: got {dtype} (the MoE's fp32 path loops over "
                              f"experts on the host, which a graph cannot capture)")
+        if self.capture:  # the grouped GEMM (no host sync) wants 16-byte aligned rows, as it gets them in a step
+            cfg = model.config
+            rows = torch.empty(1, cfg.hidden_size, dtype=dtype, device=cache.device)
+            hidden = torch.empty(1, cfg.expert_dim, dtype=dtype, device=cache.device)
+            if not all(moe_ops._grouped_mm_ok(rows, b.moe.w13.transpose(1, 2))
+                       and moe_ops._grouped_mm_ok(hidden, b.moe.w2.transpose(1, 2)) for b in model.layers):
+                raise ValueError(f"CUDA graphs need the MoE's grouped GEMM (torch.nn.functional.grouped_mm, and "
+                                 f"hidden_size = {cfg.hidden_size} and expert_dim = {cfg.expert_dim} multiples of 8): "
+                                 f"its fallback loops over experts on the host")
         if cache.growable:
             raise ValueError("fixed-shape decode needs a cache with a fixed page pool (num_pages=...): a pool "
                              "that grows moves its tensors, and a captured graph keeps their addresses")
@@ -74,7 +86,7 @@ class DecodeGraphs:
             raise ValueError(f"scratch slot {scratch_slot} holds no KV page: reserve one for the padding rows")
         self.buckets = batch_buckets(max_batch)
         self.scratch_row = cache.pages[scratch_slot][0] * cache.page_size if cache.kv_layers else 0
-        self.max_keys = max(cache.num_pages * cache.page_size, 1)
+        self.max_keys = cache.num_pages * cache.page_size
         self.shapes: dict[tuple[int, int], _Shape] = {}
         self._pool = None  # one CUDA memory pool for every graph (they never run at once)
 
@@ -83,6 +95,8 @@ class DecodeGraphs:
         if n > self.buckets[-1]:
             raise ValueError(f"a decode step of {n} rows: more than max_batch = {self.buckets[-1]}")
         batch = next(b for b in self.buckets if b >= n)
+        if not self.cache.kv_layers:  # no layer reads keys: one shape per batch
+            return batch, 1
         width = 16
         while width < keys:
             width *= 2
@@ -131,7 +145,8 @@ class DecodeGraphs:
                     self._forward(shape)
             torch.cuda.current_stream(dev).wait_stream(side)
             shape.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(shape.graph, pool=self._pool):
+            # thread_local: CUDA calls of other threads (a server's) do not invalidate the capture
+            with torch.cuda.graph(shape.graph, pool=self._pool, capture_error_mode="thread_local"):
                 shape.logits = self._forward(shape)
             self._pool = shape.graph.pool()
         return shape
@@ -146,12 +161,13 @@ class DecodeGraphs:
         p.position_ids[0, n:] = 0
         p._slot_index[:n] = torch.tensor(slots, dtype=torch.long, device=dev)
         p._slot_index[n:] = self.scratch
-        if self.cache.kv_layers:
-            p.write_rows[:n] = packing.write_rows
-            p.write_rows[n:] = row
-            p.read_rows[:n, :keys] = packing.read_rows
-            p.read_rows[:n, keys:] = row
-            p.read_rows[n:] = row
+        if not self.cache.kv_layers:
+            return
+        p.write_rows[:n] = packing.write_rows
+        p.write_rows[n:] = row
+        p.read_rows[:n, :keys] = packing.read_rows
+        p.read_rows[:n, keys:] = packing.read_rows[:, :1]  # masked out; a row's own key, not the scratch one
+        p.read_rows[n:] = row
         p.mask[:n] = False
         p.mask[:n, :, :, :keys] = packing.mask
         p.mask[n:] = False

@@ -117,7 +117,9 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
                      state: torch.Tensor, slots: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Advance a batch of states by one token, in place: q, k, v [B, H, D]; state [B, H, D, D] fp32,
     or with `slots` ([B] distinct ints) a pool [S, H, D, D] whose row slots[b] is sequence b's
-    state (the engine's cache). Returns o [B, H, D]."""
+    state (the engine's cache). Rows that share a slot leave it holding one of their results (which
+    one is undefined): only for rows whose results are thrown away (engine/graphs.py's padding).
+    Returns o [B, H, D]."""
     module = _triton_backend(q, backend)
     if module is not None:
         return module.lightning_decode_triton(q, k, v, slopes, state, slots)

@@ -672,8 +672,9 @@ def chunk_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def lightning_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                             state: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
     """One step for a batch of states, in place: q, k [B, H, K]; v [B, H, V]; state [B, H, K, V] fp32
-    contiguous, or with `slots` ([B] ints, distinct) a pool [S, H, K, V] whose row slots[b] is
-    sequence b's state (the engine's cache: read and written once, no gather). Returns
+    contiguous, or with `slots` ([B] ints, distinct but for rows whose results are thrown away) a
+    pool [S, H, K, V] whose row slots[b] is sequence b's state (the engine's cache: read and written
+    once, no gather). Returns
     o = q (lambda S + k^T v): [B, H, V] in q's dtype."""
     if q.dim() != 3 or q.shape != k.shape or q.shape[:2] != v.shape[:2]:
         raise ValueError(f"q, k, v must be [B, H, D] with equal B, H: got {tuple(q.shape)}, {tuple(k.shape)}, "
