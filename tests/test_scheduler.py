@@ -142,7 +142,8 @@ def test_fixed_shape_decode_gives_the_eager_logits_and_leaves_other_slots_alone(
         torch.testing.assert_close(caches[1].state[layer][1:], caches[0].state[layer][1:], rtol=1e-3, atol=1e-4)
     for layer in caches[0].kv_layers:
         for slot in range(1, 6):  # each slot's keys and values, at the pool rows of its pages in each cache
-            rows = [torch.tensor([p * 4 + i for p in c.pages[slot] for i in range(4)])[:c.lengths[slot]] for c in caches]
+            rows = [torch.tensor([p * 4 + i for p in c.pages[slot] for i in range(4)])[:c.lengths[slot]]
+                    for c in caches]
             for pools in ((c.k_pool[layer] for c in caches), (c.v_pool[layer] for c in caches)):
                 a, b = (pool[r] for pool, r in zip(pools, rows))
                 torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
