@@ -220,3 +220,23 @@ def test_attention_without_a_built_mask_equals_the_masked_one(seqlens):
     want = F.scaled_dot_product_attention(packing.pad(q).transpose(1, 2), k, v, attn_mask=packing.mask,
                                           enable_gqa=H != KV)
     torch.testing.assert_close(got, packing.unpad(want.transpose(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_lower_right_bias_holds_no_storage():
+    """torch's own causal_lower_right(8192, 2**20) allocates a 64 GiB float tensor (its legacy
+    constructor); ours carries the lengths only and gives the same attention."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from xinzhou.cache import lower_right_bias
+
+    big = lower_right_bias(8192, 2**20)
+    assert big.untyped_storage().nbytes() == 0 and (big.seq_len_q, big.seq_len_kv) == (8192, 2**20)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 5, 8, generator=g)
+    k, v = torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    ours = F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right_bias(5, 12), enable_gqa=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 12), enable_gqa=True)
+    mask = torch.ones(5, 12, dtype=torch.bool).tril(7)  # query t sees keys up to 7 + t
+    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))

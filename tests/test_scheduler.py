@@ -172,8 +172,8 @@ def test_decode_graphs_on_cuda_replay_the_eager_step():
     rounding; the engine with graphs picks, at every step, a token whose logit in a full forward of
     the finished sequence is the maximum to bf16 rounding (a near tie may go either way, and stale
     inputs would miss by whole units). Also on CUDA: a prompt prefilled in chunks (each after the
-    first attends through FlashAttention's lower-right causal with grouped KV heads, no mask) ends
-    on the logits of one full forward."""
+    first attends through the lower-right causal bias, with grouped KV heads: FlashAttention's path
+    on a recent GPU) ends on the logits of one full forward."""
     from xinzhou.cache import HybridCache
     from xinzhou.engine.graphs import DecodeGraphs
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from xinzhou.config import ModelConfig
 from xinzhou.ops.lightning import lightning_decode
@@ -55,9 +55,9 @@ class Packing:
     seqlens[i] new tokens of sequence i start at packed index cu[i] and at position starts[i] (its
     cached length; 0 without a cache). Attention runs on a padded [N, Tm] view of the queries
     (`pad` / `unpad`) against [N, S] keys (`keys_values`) under `mask`, which is built only when
-    needed: one sequence alone (a long prompt's chunks) attends causally aligned to its last key,
-    with no [Tm, S] mask in memory (at a 1M-token context and 8K-token chunks that mask would be
-    8 GiB)."""
+    needed: one sequence alone (a long prompt's chunks), or one chunk beside decoding rows, attends
+    causally aligned to its last key through a bias that FlashAttention takes without a mask (at a
+    1M-token context and 8K-token chunks the N-row mask was 8 GiB a step)."""
     seqlens: list[int]
     starts: list[int]
     cu_seqlens: torch.Tensor  # [N + 1] int32
@@ -190,12 +190,23 @@ class Packing:
 
 def _causal_to_end(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
     """One sequence's Tm queries [1, H, Tm, D], the last Tm of its S keys [1, KV, S, D]: query t
-    sees keys up to S - Tm + t (causal aligned to the end), with no mask in memory where the
-    backend allows (torch's lower-right causal bias: FlashAttention on CUDA)."""
+    sees keys up to S - Tm + t (causal aligned to the end). Through torch's lower-right causal bias,
+    which FlashAttention takes without a mask (CUDA, 16-bit, sm80 or newer); elsewhere torch builds
+    the one sequence's [Tm, S] mask itself."""
     Tm, S = q.shape[2], k.shape[2]
     if Tm == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tm, S), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right_bias(Tm, S), enable_gqa=gqa)
+
+
+def lower_right_bias(Tm: int, S: int) -> CausalBias:
+    """torch's `causal_lower_right(Tm, S)` without the storage its constructor allocates: CausalBias
+    passes its arguments to the legacy Tensor(variant, Tm, S) constructor, an uninitialised float32
+    [2, Tm, S] (64 GiB at Tm = 8K, S = 1M, refused outright where memory is smaller). Here the bias
+    is a view of an empty tensor carrying only its variant and lengths, which is all SDPA reads."""
+    bias = torch.Tensor._make_subclass(CausalBias, torch.empty(0))
+    CausalBias.__init__(bias, CausalVariant.LOWER_RIGHT, Tm, S)
+    return bias
 
 
 @dataclass
