@@ -138,7 +138,6 @@ def first_token_ms(engine: Engine, prompt: list[int], device: torch.device) -> t
     before = engine.prefill_tokens
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.add_request(prompt, SamplingParams(max_new_tokens=1))
     while not any(isinstance(e, Token) for e in engine.step()):

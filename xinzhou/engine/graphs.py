@@ -123,21 +123,21 @@ class DecodeGraphs:
         return logits[:n].clone()
 
     def _new_shape(self, batch: int, keys: int) -> _Shape:
-        dev, row = self.cache.device, self.scratch_row
+        dev = self.cache.device
         arange = torch.arange(batch, device=dev)
         packing = Packing(
             seqlens=[1] * batch, starts=[0] * batch,
             cu_seqlens=torch.arange(batch + 1, dtype=torch.int32, device=dev),
-            position_ids=torch.zeros(1, batch, dtype=torch.long, device=dev),
+            position_ids=torch.empty(1, batch, dtype=torch.long, device=dev),
             last_index=arange, q_index=arange[:, None].clone(), unpad_index=arange.clone(),
-            _mask=torch.zeros(batch, 1, 1, keys, dtype=torch.bool, device=dev),
+            _mask=torch.empty(batch, 1, 1, keys, dtype=torch.bool, device=dev),
             cache=self.cache, slots=[self.scratch] * batch,
-            write_rows=torch.full((batch,), row, dtype=torch.long, device=dev),
-            read_rows=torch.full((batch, keys), row, dtype=torch.long, device=dev),
-            _slot_index=torch.full((batch,), self.scratch, dtype=torch.long, device=dev))
-        packing.mask[:, :, :, 0] = True  # as padding rows: every row reads the scratch row alone
-        shape = _Shape(ids=torch.zeros(1, batch, dtype=torch.long, device=dev), packing=packing)
-        if self.capture:  # the buffers point every row at the scratch slot: warm-up and capture touch nothing else
+            write_rows=torch.empty(batch, dtype=torch.long, device=dev),
+            read_rows=torch.empty(batch, keys, dtype=torch.long, device=dev),
+            _slot_index=torch.empty(batch, dtype=torch.long, device=dev))
+        shape = _Shape(ids=torch.empty(1, batch, dtype=torch.long, device=dev), packing=packing)
+        self._pad(shape, 0)  # every row padding: warm-up and capture touch the scratch slot only
+        if self.capture:
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # compiles the kernels and builds cached tensors outside the capture
@@ -154,22 +154,27 @@ class DecodeGraphs:
     def _load(self, shape: _Shape, tokens: list[int], slots: list[int], packing: Packing) -> None:
         """Copy the step's inputs into the shape's buffers: real rows first, padding after."""
         p, n, keys = shape.packing, len(tokens), packing.keys
-        dev, row = self.cache.device, self.scratch_row
+        dev = self.cache.device
         shape.ids[0, :n] = torch.tensor(tokens, dtype=torch.long, device=dev)
-        shape.ids[0, n:] = 0
         p.position_ids[0, :n] = packing.position_ids[0]
-        p.position_ids[0, n:] = 0
         p._slot_index[:n] = torch.tensor(slots, dtype=torch.long, device=dev)
+        if self.cache.kv_layers:
+            p.write_rows[:n] = packing.write_rows
+            p.read_rows[:n, :keys] = packing.read_rows
+            p.read_rows[:n, keys:] = packing.read_rows[:, :1]  # masked out; a row's own key, not the scratch one
+            p.mask[:n] = False
+            p.mask[:n, :, :, :keys] = packing.mask
+        self._pad(shape, n)
+
+    def _pad(self, shape: _Shape, n: int) -> None:
+        """Rows n.. of the buffers as padding: token 0 at position 0, the scratch slot's state, the
+        scratch row as the one key written and read."""
+        p = shape.packing
+        shape.ids[0, n:] = 0
+        p.position_ids[0, n:] = 0
         p._slot_index[n:] = self.scratch
-        if not self.cache.kv_layers:
-            return
-        p.write_rows[:n] = packing.write_rows
-        p.write_rows[n:] = row
-        p.read_rows[:n, :keys] = packing.read_rows
-        p.read_rows[:n, keys:] = packing.read_rows[:, :1]  # masked out; a row's own key, not the scratch one
-        p.read_rows[n:] = row
-        p.mask[:n] = False
-        p.mask[:n, :, :, :keys] = packing.mask
+        p.write_rows[n:] = self.scratch_row
+        p.read_rows[n:] = self.scratch_row
         p.mask[n:] = False
         p.mask[n:, :, :, 0] = True
 

@@ -128,7 +128,6 @@ class Engine:
             slot = self.cache.acquire()
             self.cache.reserve(slot, 1)
             self.graphs = DecodeGraphs(model, self.cache, slot, max_batch)
-        self.request_pages = self.cache.num_pages - len(self.cache.pages[slot] if cuda_graphs else [])
         self.prefix = PrefixCache(
             self.cache,
             max_state_bytes=(2 * state_bytes if prefix_state_bytes is None else prefix_state_bytes) if prefix_reuse else 0,
@@ -155,10 +154,11 @@ class Engine:
         prompt = check_prompt(prompt_ids, self.model.config, params.max_new_tokens)
         validate_stops(params, self.model.config, self.tokenizer is not None)
         need = self.cache.pages_for(len(prompt) + params.max_new_tokens)
-        if need > self.request_pages:
+        pages = self.cache.num_pages - (len(self.cache.pages[self.graphs.scratch]) if self.graphs else 0)
+        if need > pages:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens = {params.max_new_tokens} needs "
                              f"{need} KV pages of {self.cache.page_size} tokens; the cache has "
-                             f"{self.request_pages} in all (raise cache_bytes)")
+                             f"{pages} in all (raise cache_bytes)")
         device = self.cache.device
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         gen = torch.Generator(device=device).manual_seed(seed)
